@@ -1,0 +1,103 @@
+//! Training examples: windows over users' training sequences and left-padded batches of them.
+
+use candle_core::{Device, Tensor};
+
+/// Cuts training sequences into windows of at most `max_len + 1` items, so that each window
+/// gives up to `max_len` (input, next item) pairs.
+///
+/// A sequence that fits (with less than `step` items to spare) becomes one window of its last
+/// `max_len + 1` items; a longer one is covered by windows ending at its last item and then
+/// every `step` items earlier, as the reference code's sliding windows do, so that the long
+/// histories of heavy users are not cut to their tail. Sequences of fewer than two items give no
+/// pair and are skipped.
+pub fn training_windows<'a>(sequences: &[&'a [u32]], max_len: usize, step: usize) -> Vec<&'a [u32]> {
+    let width = max_len + 1;
+    let step = step.max(1);
+    let mut windows = Vec::new();
+    for &seq in sequences {
+        let n = seq.len();
+        if n < 2 {
+            continue;
+        }
+        if n < width + step {
+            windows.push(&seq[n.saturating_sub(width)..]);
+        } else {
+            let mut end = n;
+            while end >= width {
+                windows.push(&seq[end - width..end]);
+                end -= step;
+            }
+        }
+    }
+    windows
+}
+
+/// One training batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// (batch, length) u32 input items, left-padded with 0.
+    pub tokens: Tensor,
+    /// (N) u32 flat positions (row · length + column) that have a target.
+    pub positions: Tensor,
+    /// (N) u32 next item at each of those positions.
+    pub targets: Tensor,
+    /// N, the number of predictions in the batch.
+    pub num_targets: usize,
+}
+
+impl Batch {
+    /// Builds a batch from windows: inputs are all items but the last, targets all but the first.
+    /// The batch is as long as its longest window, padded on the left so that every row ends at
+    /// the same column (the recurrence then sees padding only before the first event).
+    pub fn new(windows: &[&[u32]], device: &Device) -> candle_core::Result<Self> {
+        let len = windows.iter().map(|w| w.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let mut tokens = vec![0u32; windows.len() * len];
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (row, window) in windows.iter().enumerate() {
+            let pairs = window.len().saturating_sub(1);
+            let offset = row * len + len - pairs;
+            for t in 0..pairs {
+                tokens[offset + t] = window[t];
+                positions.push((offset + t) as u32);
+                targets.push(window[t + 1]);
+            }
+        }
+        let num_targets = targets.len();
+        Ok(Self {
+            tokens: Tensor::from_vec(tokens, (windows.len(), len), device)?,
+            positions: Tensor::from_vec(positions, num_targets, device)?,
+            targets: Tensor::from_vec(targets, num_targets, device)?,
+            num_targets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_sequences_keep_their_tail_and_long_ones_slide_from_the_end() {
+        let short: Vec<u32> = (1..=5).collect();
+        let long: Vec<u32> = (1..=12).collect();
+        let single = [9u32];
+        let windows = training_windows(&[&short, &long, &single], 3, 4);
+        // max_len 3 -> windows of 4 items; 5 < 4 + 4 so the short one is its last 4 items.
+        assert_eq!(windows[0], &[2, 3, 4, 5]);
+        // 12 >= 8: windows end at 12, 8 and 4.
+        assert_eq!(windows[1], &[9, 10, 11, 12]);
+        assert_eq!(windows[2], &[5, 6, 7, 8]);
+        assert_eq!(windows[3], &[1, 2, 3, 4]);
+        assert_eq!(windows.len(), 4, "a one-item sequence gives no pair");
+    }
+
+    #[test]
+    fn batch_left_pads_and_lists_only_real_targets() {
+        let batch = Batch::new(&[&[1, 2, 3, 4], &[7, 8]], &Device::Cpu).unwrap();
+        assert_eq!(batch.tokens.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3], vec![0, 0, 7]]);
+        assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![0, 1, 2, 5]);
+        assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![2, 3, 4, 8]);
+        assert_eq!(batch.num_targets, 4);
+    }
+}

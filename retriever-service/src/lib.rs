@@ -1,0 +1,39 @@
+//! LRURec, the first stage of LlamaRec: a linear-recurrent sequential recommender that turns a
+//! user's history into the candidates the LLM ranks.
+//!
+//! - Training (candle, CPU): [`model::LruRec`] runs the recurrence as a log-depth parallel scan
+//!   ([`scan`]); [`train::train`] is the loop, writing a [`checkpoint`] directory.
+//! - Serving (plain Rust over contiguous f32): [`encoder::Encoder`] runs the same recurrence step
+//!   by step into a per-user [`state::UserState`]; [`topk`] scores the catalog in blocks with a
+//!   bounded heap; [`retriever::Retriever`] ties them to a checkpoint.
+
+pub mod batch;
+pub mod catalog;
+pub mod checkpoint;
+pub mod config;
+pub mod dropout;
+pub mod encoder;
+pub mod error;
+pub mod evaluate;
+pub mod ffn;
+pub mod init;
+pub mod kernels;
+pub mod lru;
+pub mod model;
+pub mod norm;
+pub mod optim;
+pub mod params;
+pub mod retriever;
+pub mod scan;
+pub mod state;
+pub mod topk;
+pub mod train;
+
+pub use catalog::{Catalog, CatalogItem};
+pub use config::LruRecConfig;
+pub use encoder::Encoder;
+pub use error::{Result, RetrieverError};
+pub use retriever::{CandidateSource, Retrieval, Retriever};
+pub use state::UserState;
+pub use topk::Candidate;
+pub use train::{train, TrainConfig, TrainReport};

@@ -1,0 +1,105 @@
+//! The in-process retriever: checkpoint → history → state → top-k candidates.
+
+use crate::catalog::Catalog;
+use crate::checkpoint::Checkpoint;
+use crate::encoder::Encoder;
+use crate::error::Result;
+use crate::state::UserState;
+use crate::topk::{top_k, Candidate};
+use std::path::Path;
+
+/// Catalogs at least this large are scored on several threads; below it, spawning threads
+/// costs more than the scoring.
+const PARALLEL_SCORING_MIN_ITEMS: usize = 100_000;
+
+/// Where a candidate list came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateSource {
+    /// LRURec scores.
+    Model,
+    /// Training popularity: the history was empty.
+    Popularity,
+}
+
+/// The answer to one retrieval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retrieval {
+    /// Candidates, best first.
+    pub candidates: Vec<Candidate>,
+    /// How they were chosen.
+    pub source: CandidateSource,
+}
+
+/// A loaded LRURec checkpoint ready to answer retrievals.
+pub struct Retriever {
+    encoder: Encoder,
+    catalog: Catalog,
+    scoring_threads: usize,
+}
+
+impl Retriever {
+    /// Loads the checkpoint directory `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let checkpoint = Checkpoint::load(dir)?;
+        Ok(Self::new(Encoder::new(&checkpoint.config, &checkpoint.tensors)?, checkpoint.catalog))
+    }
+
+    /// A retriever over an encoder and its catalog (which must have the same number of items).
+    pub fn new(encoder: Encoder, catalog: Catalog) -> Self {
+        assert_eq!(encoder.config().num_items, catalog.num_items(), "encoder and catalog disagree on the item count");
+        let scoring_threads = if catalog.num_items() >= PARALLEL_SCORING_MIN_ITEMS {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            1
+        };
+        Self { encoder, catalog, scoring_threads }
+    }
+
+    /// Overrides the number of threads used to score the catalog.
+    pub fn with_scoring_threads(mut self, threads: usize) -> Self {
+        self.scoring_threads = threads.max(1);
+        self
+    }
+
+    /// The item catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The encoder (model weights and hyper-parameters).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The state after the last `max_len` events of `history` (what the model was trained on).
+    pub fn state(&self, history: &[u32]) -> Result<UserState> {
+        let max_len = self.encoder.config().max_len;
+        self.encoder.encode(&history[history.len().saturating_sub(max_len)..])
+    }
+
+    /// The `k` best items after `history` (dense indices, oldest first), with the history's
+    /// items left out when `exclude_history`. An empty history gets the most popular items.
+    pub fn retrieve(&self, history: &[u32], k: usize, exclude_history: bool) -> Result<Retrieval> {
+        let state = self.state(history)?;
+        Ok(self.retrieve_for_state(&state, if exclude_history { history } else { &[] }, k))
+    }
+
+    /// The `k` best items for a state already computed (e.g. kept between requests and advanced
+    /// with [`Encoder::push`]), leaving out `excluded`.
+    pub fn retrieve_for_state(&self, state: &UserState, excluded: &[u32], k: usize) -> Retrieval {
+        if state.is_empty() {
+            let candidates = self
+                .catalog
+                .popular()
+                .iter()
+                .filter(|i| !excluded.contains(i))
+                .take(k)
+                .map(|&item| Candidate { item, score: self.catalog.item(item).map_or(0.0, |i| i.train_count as f32) })
+                .collect();
+            return Retrieval { candidates, source: CandidateSource::Popularity };
+        }
+        let candidates =
+            top_k(&state.output, self.encoder.embedding(), self.encoder.output_bias(), k, excluded, self.scoring_threads);
+        Retrieval { candidates, source: CandidateSource::Model }
+    }
+}
