@@ -1,0 +1,83 @@
+//! The ranker's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading the ranker's model or scoring a request.
+///
+/// Variants are grouped so the gRPC layer can map them in one place: the request-shaped ones
+/// (see [`RankerError::is_invalid_argument`]) become `INVALID_ARGUMENT`; the rest are internal.
+#[derive(Debug, thiserror::Error)]
+pub enum RankerError {
+    /// A model or tokenizer file does not exist.
+    #[error("model file {path} not found; run `llamarec fetch` to download the shipped model")]
+    ModelNotFound {
+        /// The path that was looked up.
+        path: PathBuf,
+    },
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file being read.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The weights or their metadata do not describe a model we can run.
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// Building or running the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A LoRA adapter does not fit the model.
+    #[error("invalid LoRA adapter: {0}")]
+    InvalidAdapter(String),
+    /// A prompt template is unusable (e.g. a placeholder is missing).
+    #[error("invalid prompt template: {0}")]
+    InvalidTemplate(String),
+    /// The request has no candidates.
+    #[error("the candidate list is empty")]
+    NoCandidates,
+    /// The request has more candidates than the template has index letters.
+    #[error("{given} candidates given but only {max} index letters are available")]
+    TooManyCandidates {
+        /// Number of candidates in the request.
+        given: usize,
+        /// Number of letters the verbalizer knows.
+        max: usize,
+    },
+    /// A history or candidate title is empty (after trimming).
+    #[error("{kind} title {index} is empty")]
+    EmptyTitle {
+        /// "history" or "candidate".
+        kind: &'static str,
+        /// Zero-based position in the request.
+        index: usize,
+    },
+    /// The rendered prompt does not fit into the model's context.
+    #[error("prompt of {tokens} tokens exceeds the model context of {max} tokens")]
+    ContextOverflow {
+        /// Prompt length in tokens.
+        tokens: usize,
+        /// The model's maximum sequence length.
+        max: usize,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl RankerError {
+    /// True for errors caused by the request's content (map to gRPC `INVALID_ARGUMENT`).
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(
+            self,
+            Self::NoCandidates
+                | Self::TooManyCandidates { .. }
+                | Self::EmptyTitle { .. }
+                | Self::ContextOverflow { .. }
+        )
+    }
+}
+
+/// Result alias for the ranker crate.
+pub type Result<T> = std::result::Result<T, RankerError>;

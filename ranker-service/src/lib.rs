@@ -1,0 +1,26 @@
+//! The LlamaRec ranker's model core: a Llama-family LLM that scores candidate items by the
+//! logits of their index letters after one forward pass over a rendered prompt.
+//!
+//! Modules, one job each:
+//! - [`gguf`]: reading GGUF metadata and tensors.
+//! - [`config`]: model hyper-parameters.
+//! - [`weights`]: loading GGUF / safetensors weights into our layout.
+//! - [`llama`]: the forward pass (padding mask, KV cache, hidden states, LoRA, token head).
+//! - [`kv_cache`]: cached attention state for shared prefixes.
+//! - [`lora`]: LoRA adapters.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod lora;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{RankerError, Result};
+pub use gguf::GgufFile;
+pub use kv_cache::KvCache;
+pub use llama::{ForwardOutput, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
+pub use lora::{LoraAdapter, LoraPair, Projection};
+pub use weights::{Linear, WeightPrecision, WeightSource};

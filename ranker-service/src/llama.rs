@@ -1,0 +1,550 @@
+//! Our Llama forward pass: left-padded batches with an attention mask, a reusable KV cache,
+//! per-position hidden states, optional LoRA, and an output head restricted to chosen tokens.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{RankerError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::{KvCache, LayerKv};
+use crate::lora::{LoraAdapter, Projection};
+use crate::weights::{self, BlockWeights, Linear, LlamaWeights, WeightPrecision, WeightSource};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Whether quantized GGUF weights are dequantized at load (CPU default) or kept.
+    pub precision: WeightPrecision,
+    /// Where the tensors live.
+    pub device: Device,
+    /// Compute dtype of dense weights and activations.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            precision: WeightPrecision::F32,
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A batch of token sequences, left-padded to a common length.
+///
+/// Left padding keeps every row's last real token in the last column, which is where the
+/// verbalizer reads its logits.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    ids: Tensor,
+    valid: Vec<Vec<bool>>,
+}
+
+impl TokenBatch {
+    /// Left-pads `seqs` (all non-empty) to the longest one.
+    pub fn left_padded<S: AsRef<[u32]>>(seqs: &[S], device: &Device) -> Result<Self> {
+        let len = seqs.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
+        if seqs.is_empty() || seqs.iter().any(|s| s.as_ref().is_empty()) {
+            return Err(RankerError::InvalidModel("empty token sequence in batch".into()));
+        }
+        let mut ids = Vec::with_capacity(seqs.len() * len);
+        let mut valid = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let s = s.as_ref();
+            let pad = len - s.len();
+            // Any id works for padding: padded positions are masked out of attention.
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(s);
+            let mut v = vec![false; pad];
+            v.extend(std::iter::repeat_n(true, s.len()));
+            valid.push(v);
+        }
+        let ids = Tensor::from_vec(ids, (seqs.len(), len), device)?;
+        Ok(Self { ids, valid })
+    }
+
+    /// `(batch, len)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.valid.len(), self.valid.first().map_or(0, Vec::len))
+    }
+}
+
+/// Which positions' hidden states a forward pass must produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// Every position (training, debugging).
+    All,
+    /// Only the last position (scoring): the last block then runs attention output and the
+    /// feed-forward layer for one row per sequence instead of all of them.
+    Last,
+}
+
+/// The result of a forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Final-norm hidden states `(batch, positions, hidden)`; `positions` is the input length
+    /// for [`Positions::All`] and 1 for [`Positions::Last`].
+    pub hidden: Tensor,
+    /// The input cache extended by this batch's tokens.
+    pub cache: KvCache,
+}
+
+impl ForwardOutput {
+    /// Hidden state of the last position of each row, `(batch, hidden)`.
+    pub fn last_hidden(&self) -> Result<Tensor> {
+        let t = self.hidden.dim(1)?;
+        Ok(self.hidden.i((.., t - 1, ..))?.contiguous()?)
+    }
+}
+
+/// An output head restricted to a few token ids: `logits = hidden . E[ids]^T`.
+#[derive(Debug, Clone)]
+pub struct TokenHead {
+    ids: Vec<u32>,
+    /// `(hidden, ids.len())`, pre-transposed so scoring is one small matmul.
+    weight_t: Tensor,
+}
+
+impl TokenHead {
+    /// The token ids whose logits this head computes, in output order.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Logits `(batch, ids.len())` for hidden states `(batch, hidden)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.weight_t)?)
+    }
+}
+
+/// RoPE tables `(max_seq_len, head_dim / 2)` for HF's half-split rotation.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        // f32 throughout, as HF's `inv_freq` and llama.cpp compute it, so that positions in
+        // the thousands get the same angles as the reference implementations.
+        let theta = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(cfg.max_seq_len * half);
+        let mut sin = Vec::with_capacity(cfg.max_seq_len * half);
+        for p in 0..cfg.max_seq_len {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (cfg.max_seq_len, half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// `(batch, len, head_dim / 2)` cos and sin tables for the given positions.
+    fn gather(&self, positions: &[u32], batch: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let idx = Tensor::from_slice(positions, positions.len(), self.cos.device())?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&idx, 0)?.reshape((batch, len, half))?;
+        let sin = self.sin.index_select(&idx, 0)?.reshape((batch, len, half))?;
+        Ok((cos, sin))
+    }
+}
+
+/// A Llama-architecture decoder with our forward pass. Immutable and `Sync`: the attention
+/// state lives in [`KvCache`] values owned by the caller.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    weights: LlamaWeights,
+    rope: Rope,
+    device: Device,
+    dtype: DType,
+}
+
+/// Per-forward data shared by all blocks.
+struct Step<'a> {
+    batch: usize,
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive mask `(batch, 1, 1, len, cached + len)`: 0 where attention is allowed.
+    mask: Tensor,
+    lora: Option<&'a LoraAdapter>,
+}
+
+impl Llama {
+    /// Loads a model from a GGUF file or an HF safetensors directory.
+    pub fn load(source: &WeightSource, opts: &LoadOptions) -> Result<Self> {
+        let (cfg, weights) = match source {
+            WeightSource::Gguf(path) => {
+                let mut gguf = GgufFile::open(path)?;
+                weights::load_gguf(&mut gguf, opts.precision, &opts.device, opts.dtype)?
+            }
+            WeightSource::Safetensors(dir) => {
+                weights::load_safetensors_dir(dir, &opts.device, opts.dtype)?
+            }
+        };
+        Self::from_weights(cfg, weights, &opts.device, opts.dtype)
+    }
+
+    /// Loads a model from an already opened GGUF file (which also holds the tokenizer).
+    pub fn from_gguf(gguf: &mut GgufFile, opts: &LoadOptions) -> Result<Self> {
+        let (cfg, weights) = weights::load_gguf(gguf, opts.precision, &opts.device, opts.dtype)?;
+        Self::from_weights(cfg, weights, &opts.device, opts.dtype)
+    }
+
+    /// Loads a model from an HF directory (`config.json` + `*.safetensors`).
+    pub fn from_safetensors_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load(&WeightSource::Safetensors(dir.to_path_buf()), opts)
+    }
+
+    /// Wraps loaded weights.
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        weights: LlamaWeights,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let rope = Rope::new(&cfg, device, dtype)?;
+        Ok(Self {
+            cfg,
+            weights,
+            rope,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The weights (for training code that needs the dense matrices).
+    pub fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
+    /// An empty cache for `batch` rows; forwarding with it is the same as with no cache.
+    pub fn empty_cache(&self, batch: usize) -> Result<KvCache> {
+        let shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim);
+        let layers = (0..self.cfg.num_layers)
+            .map(|_| {
+                Ok(LayerKv {
+                    k: Tensor::zeros(shape, self.dtype, &self.device)?,
+                    v: Tensor::zeros(shape, self.dtype, &self.device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            valid: vec![Vec::new(); batch],
+        })
+    }
+
+    /// An output head computing only the logits of `ids`.
+    pub fn token_head(&self, ids: &[u32]) -> Result<TokenHead> {
+        if let Some(bad) = ids.iter().find(|id| **id as usize >= self.cfg.vocab_size) {
+            return Err(RankerError::InvalidModel(format!("token id {bad} out of vocab")));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let rows = self.weights.lm_head.index_select(&idx, 0)?;
+        Ok(TokenHead {
+            ids: ids.to_vec(),
+            weight_t: rows.t()?.contiguous()?,
+        })
+    }
+
+    /// Full-vocabulary logits `(.., vocab)` for hidden states `(.., hidden)`.
+    pub fn full_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.weights.lm_head.t()?)?)
+    }
+
+    /// Merges a LoRA adapter into dense weights (serving: no per-token LoRA cost afterwards).
+    /// Fails when a target projection is held quantized; pass the adapter to
+    /// [`Llama::forward`] instead in that case.
+    pub fn merge_lora(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let cfg = self.cfg.clone();
+        for ((layer, proj), pair) in adapter.pairs() {
+            let delta = pair.delta_weight()?.to_dtype(self.dtype)?;
+            let block = &mut self.weights.blocks[*layer];
+            let (linear, offset) = match proj {
+                Projection::QProj => (&mut block.qkv, 0),
+                Projection::KProj => (&mut block.qkv, cfg.q_dim()),
+                Projection::VProj => (&mut block.qkv, cfg.q_dim() + cfg.kv_dim()),
+                Projection::OProj => (&mut block.o, 0),
+                Projection::GateProj => (&mut block.gate_up, 0),
+                Projection::UpProj => (&mut block.gate_up, cfg.intermediate_size),
+                Projection::DownProj => (&mut block.down, 0),
+            };
+            let Linear::Dense(w) = linear else {
+                return Err(RankerError::InvalidAdapter(format!(
+                    "cannot merge into quantized {proj:?} of layer {layer}"
+                )));
+            };
+            let rows = delta.dim(0)?;
+            let total = w.dim(0)?;
+            let mut parts = Vec::new();
+            if offset > 0 {
+                parts.push(w.narrow(0, 0, offset)?);
+            }
+            parts.push((w.narrow(0, offset, rows)? + delta)?);
+            if offset + rows < total {
+                parts.push(w.narrow(0, offset + rows, total - offset - rows)?);
+            }
+            *w = Tensor::cat(&parts, 0)?.contiguous()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `input` after the tokens held in `cache` (if any).
+    ///
+    /// Each row's RoPE positions continue from the number of real tokens already cached for
+    /// it, and attention sees only real tokens, so a left-padded batch gives each row the same
+    /// result as running it alone, and a cached prefix plus a suffix gives the same result as
+    /// the whole sequence.
+    pub fn forward(
+        &self,
+        input: &TokenBatch,
+        cache: Option<&KvCache>,
+        lora: Option<&LoraAdapter>,
+        positions: Positions,
+    ) -> Result<ForwardOutput> {
+        let (batch, len) = input.dims();
+        let empty;
+        let cache = match cache {
+            Some(c) => {
+                if c.batch_size() != batch {
+                    return Err(RankerError::InvalidModel(format!(
+                        "cache has {} rows, batch has {batch}",
+                        c.batch_size()
+                    )));
+                }
+                c
+            }
+            None => {
+                empty = self.empty_cache(batch)?;
+                &empty
+            }
+        };
+        let cached = cache.len();
+        let total = cached + len;
+        let counts = cache.token_counts();
+        if let Some(over) = counts
+            .iter()
+            .zip(&input.valid)
+            .map(|(c, v)| c + v.iter().filter(|x| **x).count())
+            .find(|n| *n > self.cfg.max_seq_len)
+        {
+            return Err(RankerError::ContextOverflow {
+                tokens: over,
+                max: self.cfg.max_seq_len,
+            });
+        }
+
+        let mut valid = cache.valid.clone();
+        let mut pos = Vec::with_capacity(batch * len);
+        let mut mask = vec![f32::NEG_INFINITY; batch * len * total];
+        for (r, row_valid) in valid.iter_mut().enumerate() {
+            let mut next = counts[r];
+            for &v in &input.valid[r] {
+                // Padding gets the next real position; its output is never read.
+                pos.push(next as u32);
+                next += usize::from(v);
+            }
+            row_valid.extend_from_slice(&input.valid[r]);
+            for q in 0..len {
+                let row = &mut mask[(r * len + q) * total..(r * len + q + 1) * total];
+                for (k, m) in row.iter_mut().enumerate().take(cached + q + 1) {
+                    if row_valid[k] {
+                        *m = 0.0;
+                    }
+                }
+                // A padding query may see no real key at all; letting it see itself keeps its
+                // softmax finite.
+                row[cached + q] = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, len, total), &self.device)?
+            .to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope.gather(&pos, batch, len)?;
+        let step = Step {
+            batch,
+            len,
+            cos,
+            sin,
+            mask,
+            lora,
+        };
+
+        let ids = input.ids.flatten_all()?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut layers = Vec::with_capacity(self.cfg.num_layers);
+        let last_layer = self.cfg.num_layers - 1;
+        for (i, block) in self.weights.blocks.iter().enumerate() {
+            let last_only = positions == Positions::Last && i == last_layer;
+            let (y, kv) = self.block_forward(i, block, &x, &cache.layers[i], &step, last_only)?;
+            x = y;
+            layers.push(kv);
+        }
+        let rows = x.dim(0)? / batch;
+        let hidden = candle_nn::ops::rms_norm(&x, &self.weights.final_norm, self.eps())?
+            .reshape((batch, rows, self.cfg.hidden_size))?;
+        Ok(ForwardOutput {
+            hidden,
+            cache: KvCache { layers, valid },
+        })
+    }
+
+    fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps as f32
+    }
+
+    /// One decoder block on `x` of shape `(batch * len, hidden)`. With `last_only`, returns
+    /// only the rows of each sequence's last position, `(batch, hidden)`.
+    fn block_forward(
+        &self,
+        layer: usize,
+        w: &BlockWeights,
+        x: &Tensor,
+        past: &LayerKv,
+        s: &Step,
+        last_only: bool,
+    ) -> Result<(Tensor, LayerKv)> {
+        let cfg = &self.cfg;
+        let (b, t, hd) = (s.batch, s.len, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+
+        let h = candle_nn::ops::rms_norm(x, &w.attn_norm, self.eps())?;
+        let mut qkv = w.qkv.forward(&h)?;
+        if let Some(lora) = s.lora {
+            let parts = [Projection::QProj, Projection::KProj, Projection::VProj];
+            if let Some(d) = lora.fused_delta(layer, &parts, cfg, &h)? {
+                qkv = (qkv + d)?;
+            }
+        }
+        let heads = |offset: usize, n: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(1, offset, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &s.cos, &s.sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, &s.cos, &s.sin)?;
+        let v = heads((nh + nkv) * hd, nkv)?;
+        let (k, v) = if past.k.dim(2)? == 0 {
+            (k, v)
+        } else {
+            (
+                Tensor::cat(&[&past.k, &k], 2)?,
+                Tensor::cat(&[&past.v, &v], 2)?,
+            )
+        };
+
+        let (q, mask, tq) = if last_only {
+            (
+                q.narrow(2, t - 1, 1)?.contiguous()?,
+                s.mask.narrow(3, t - 1, 1)?,
+                1,
+            )
+        } else {
+            (q, s.mask.clone(), t)
+        };
+        let attn = attention(&q, &k, &v, &mask, nkv, tq, hd)?;
+        let x = if last_only {
+            x.reshape((b, t, cfg.hidden_size))?.i((.., t - 1, ..))?.contiguous()?
+        } else {
+            x.clone()
+        };
+        let h = attn.reshape((b * tq, nh * hd))?;
+        let mut o = w.o.forward(&h)?;
+        if let Some(d) = lora_delta(s.lora, layer, Projection::OProj, &h)? {
+            o = (o + d)?;
+        }
+        let x = (x + o)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &w.ffn_norm, self.eps())?;
+        let mut gu = w.gate_up.forward(&h)?;
+        if let Some(lora) = s.lora {
+            let parts = [Projection::GateProj, Projection::UpProj];
+            if let Some(d) = lora.fused_delta(layer, &parts, cfg, &h)? {
+                gu = (gu + d)?;
+            }
+        }
+        let inter = cfg.intermediate_size;
+        let act = (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
+        let mut down = w.down.forward(&act)?;
+        if let Some(d) = lora_delta(s.lora, layer, Projection::DownProj, &act)? {
+            down = (down + d)?;
+        }
+        let x = (x + down)?;
+        Ok((x, LayerKv { k, v }))
+    }
+}
+
+fn lora_delta(
+    lora: Option<&LoraAdapter>,
+    layer: usize,
+    proj: Projection,
+    x: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    match lora.and_then(|l| l.get(layer, proj)) {
+        Some(pair) => pair.delta(x).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Grouped-query attention. `q` is `(b, heads, tq, d)`, `k`/`v` are `(b, kv_heads, tk, d)`,
+/// `mask` is additive `(b, 1, 1, tq, tk)`. Returns `(b, tq, heads * d)`.
+///
+/// The query heads that share a key/value head are stacked along the row axis, so each group
+/// is one matmul against its K/V without materializing repeated K/V tensors.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    nkv: usize,
+    tq: usize,
+    hd: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, nh, _, _) = q.dims4()?;
+    let group = nh / nkv;
+    let tk = k.dim(2)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = (q.reshape((b, nkv, group * tq, hd))? * scale)?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, group, tq, tk))?;
+    let scores = scores.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, group * tq, tk))?;
+    let out = probs.matmul(v)?; // (b, nkv, group * tq, d)
+    out.reshape((b, nh, tq, hd))?
+        .transpose(1, 2)?
+        .reshape((b, tq, nh * hd))
+}
+
+/// Convenience: softmax over the last dimension in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?)
+}

@@ -1,0 +1,216 @@
+//! LoRA adapters: low-rank updates `W + (alpha / r) B A` on chosen projections.
+//!
+//! The forward pass takes an optional adapter and adds `scale * (x A^T) B^T` to the chosen
+//! projections' outputs (the training path: gradients reach A and B). For serving on dense
+//! weights the adapter can instead be merged into the weights once ([`crate::Llama::merge_lora`]).
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, D};
+
+use crate::config::LlamaConfig;
+use crate::error::{RankerError, Result};
+
+/// A projection of a decoder block that can carry a LoRA update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    /// Query projection (`self_attn.q_proj`).
+    QProj,
+    /// Key projection (`self_attn.k_proj`).
+    KProj,
+    /// Value projection (`self_attn.v_proj`).
+    VProj,
+    /// Attention output projection (`self_attn.o_proj`).
+    OProj,
+    /// Feed-forward gate projection (`mlp.gate_proj`).
+    GateProj,
+    /// Feed-forward up projection (`mlp.up_proj`).
+    UpProj,
+    /// Feed-forward down projection (`mlp.down_proj`).
+    DownProj,
+}
+
+impl Projection {
+    /// All projections, in block order.
+    pub const ALL: [Projection; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    /// The module path inside a block, as PEFT names it ("self_attn.q_proj").
+    pub fn module_path(self) -> &'static str {
+        match self {
+            Self::QProj => "self_attn.q_proj",
+            Self::KProj => "self_attn.k_proj",
+            Self::VProj => "self_attn.v_proj",
+            Self::OProj => "self_attn.o_proj",
+            Self::GateProj => "mlp.gate_proj",
+            Self::UpProj => "mlp.up_proj",
+            Self::DownProj => "mlp.down_proj",
+        }
+    }
+
+    /// `(in, out)` widths of the projection.
+    pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
+        match self {
+            Self::QProj => (cfg.hidden_size, cfg.q_dim()),
+            Self::KProj | Self::VProj => (cfg.hidden_size, cfg.kv_dim()),
+            Self::OProj => (cfg.q_dim(), cfg.hidden_size),
+            Self::GateProj | Self::UpProj => (cfg.hidden_size, cfg.intermediate_size),
+            Self::DownProj => (cfg.intermediate_size, cfg.hidden_size),
+        }
+    }
+}
+
+/// The low-rank pair of one projection: `delta W = scale * B A`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// Down matrix `(r, in)`.
+    pub a: Tensor,
+    /// Up matrix `(out, r)`.
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
+}
+
+impl LoraPair {
+    /// The update to add to the projection's output for a 2D input `(n, in)`.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+
+    /// The dense update `scale * B A`, shape `(out, in)`.
+    pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+/// A set of LoRA pairs keyed by (block index, projection).
+#[derive(Debug, Clone, Default)]
+pub struct LoraAdapter {
+    pairs: HashMap<(usize, Projection), LoraPair>,
+}
+
+impl LoraAdapter {
+    /// An adapter with no pairs (a no-op).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the pair of one block's projection after checking its shapes.
+    pub fn insert(
+        &mut self,
+        cfg: &LlamaConfig,
+        layer: usize,
+        proj: Projection,
+        pair: LoraPair,
+    ) -> Result<()> {
+        if layer >= cfg.num_layers {
+            return Err(RankerError::InvalidAdapter(format!(
+                "layer {layer} out of {}",
+                cfg.num_layers
+            )));
+        }
+        let (din, dout) = proj.dims(cfg);
+        let (r, a_in) = pair.a.dims2()?;
+        let (b_out, b_r) = pair.b.dims2()?;
+        if a_in != din || b_out != dout || b_r != r {
+            return Err(RankerError::InvalidAdapter(format!(
+                "layer {layer} {proj:?}: A {:?} B {:?}, expected A (r, {din}) B ({dout}, r)",
+                pair.a.dims(),
+                pair.b.dims()
+            )));
+        }
+        self.pairs.insert((layer, proj), pair);
+        Ok(())
+    }
+
+    /// Builds an adapter from PEFT-named tensors
+    /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, `lora_B`), with
+    /// `scale = alpha / r` as in PEFT's non-rsLoRA default.
+    pub fn from_peft_tensors(
+        cfg: &LlamaConfig,
+        tensors: &HashMap<String, Tensor>,
+        alpha: f64,
+    ) -> Result<Self> {
+        let mut adapter = Self::new();
+        for layer in 0..cfg.num_layers {
+            for proj in Projection::ALL {
+                let base = format!(
+                    "base_model.model.model.layers.{layer}.{}",
+                    proj.module_path()
+                );
+                let a = tensors.get(&format!("{base}.lora_A.weight"));
+                let b = tensors.get(&format!("{base}.lora_B.weight"));
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let r = a.dim(0)?;
+                        let pair = LoraPair {
+                            a: a.clone(),
+                            b: b.clone(),
+                            scale: alpha / r as f64,
+                        };
+                        adapter.insert(cfg, layer, proj, pair)?;
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(RankerError::InvalidAdapter(format!(
+                            "{base}: lora_A and lora_B must both be present"
+                        )))
+                    }
+                }
+            }
+        }
+        if adapter.pairs.is_empty() {
+            return Err(RankerError::InvalidAdapter(
+                "no PEFT LoRA tensors found".into(),
+            ));
+        }
+        Ok(adapter)
+    }
+
+    /// The pair of one block's projection, if any.
+    pub fn get(&self, layer: usize, proj: Projection) -> Option<&LoraPair> {
+        self.pairs.get(&(layer, proj))
+    }
+
+    /// All pairs (for optimizers and serialization).
+    pub fn pairs(&self) -> impl Iterator<Item = (&(usize, Projection), &LoraPair)> {
+        self.pairs.iter()
+    }
+
+    /// True when the adapter has no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The update for a fused projection whose outputs are the concatenation of `parts`
+    /// (e.g. `[q, k, v]`), or `None` when none of the parts has a pair. Parts without a pair
+    /// contribute zeros.
+    pub(crate) fn fused_delta(
+        &self,
+        layer: usize,
+        parts: &[Projection],
+        cfg: &LlamaConfig,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if parts.iter().all(|p| self.get(layer, *p).is_none()) {
+            return Ok(None);
+        }
+        let n = x.dim(0)?;
+        let mut outs = Vec::with_capacity(parts.len());
+        for p in parts {
+            outs.push(match self.get(layer, *p) {
+                Some(pair) => pair.delta(x)?,
+                None => Tensor::zeros((n, p.dims(cfg).1), x.dtype(), x.device())?,
+            });
+        }
+        Ok(Some(Tensor::cat(&outs, D::Minus1)?))
+    }
+}
