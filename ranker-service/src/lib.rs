@@ -8,6 +8,7 @@
 //! - [`llama`]: the forward pass (padding mask, KV cache, hidden states, LoRA, token head).
 //! - [`kv_cache`]: cached attention state for shared prefixes.
 //! - [`lora`]: LoRA adapters.
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata or `tokenizer.json`.
 
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::LlamaConfig;
@@ -23,4 +25,5 @@ pub use gguf::GgufFile;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
 pub use lora::{LoraAdapter, LoraPair, Projection};
+pub use tokenizer::Tokenizer;
 pub use weights::{Linear, WeightPrecision, WeightSource};
