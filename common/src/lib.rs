@@ -5,4 +5,5 @@ pub mod assets;
 pub mod config;
 pub mod data;
 pub mod metrics;
+pub mod serving;
 pub mod telemetry;

@@ -1,1 +1,13 @@
-//! Placeholder until its issue lands.
+//! The LlamaRec gateway: validates requests, reads and appends user histories, fans out to the
+//! retriever and the rankers within the caller's deadline, and merges both stages' scores.
+
+pub mod catalog;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod history;
+pub mod merge;
+pub mod ranker_pool;
+pub mod server;
+pub mod service;
+pub mod validate;

@@ -1,0 +1,82 @@
+//! What every gRPC service of the cluster does the same way: grpc.health.v1, server
+//! reflection, and a graceful drain on SIGTERM or Ctrl-C (health goes NOT_SERVING, in-flight
+//! requests finish, new connections are refused, and the process gives up after a grace
+//! period).
+
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Health reporting plus the health service to mount.
+pub fn health() -> (HealthReporter, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
+    tonic_health::server::health_reporter()
+}
+
+/// The reflection service over `descriptor_set` (grpcurl and friends use it).
+pub fn reflection(
+    descriptor_set: &'static [u8],
+) -> Result<tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>, tonic_reflection::server::Error> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(descriptor_set)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains: every service is
+/// marked NOT_SERVING, in-flight requests get up to `grace` to finish.
+pub async fn serve_until(
+    router: Router,
+    listener: TcpListener,
+    health: HealthReporter,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = async move {
+        shutdown.await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: NOT_SERVING, draining in-flight requests");
+        health.set_service_status("", ServingStatus::NotServing).await;
+        let _ = draining_tx.send(());
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = router.serve_with_incoming_shutdown(incoming, drain);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!("grace period over with requests still in flight; exiting");
+            Ok(())
+        }
+    }
+}

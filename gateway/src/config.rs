@@ -1,0 +1,157 @@
+//! The `[gateway]` configuration section.
+
+use llamarec_common::config::Section;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where user histories live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// An embedded redb file: durable, no server, one gateway replica.
+    Embedded {
+        /// Database file; created if missing.
+        path: PathBuf,
+    },
+    /// Redis, shared by several gateway replicas.
+    Redis {
+        /// Connection URL, e.g. "redis://127.0.0.1:6379/0".
+        url: String,
+        /// Key prefix, so several deployments can share one Redis.
+        prefix: String,
+    },
+}
+
+/// How the gateway finds ranker pods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RankerEndpoints {
+    /// Static list of `host:port` addresses.
+    pub addresses: Vec<String>,
+    /// A DNS name (`host:port`) re-resolved every `resolve_interval_ms`, e.g. a Kubernetes
+    /// headless Service; every address it resolves to becomes an endpoint.
+    pub dns: Option<String>,
+    /// How often the DNS name is resolved again.
+    pub resolve_interval_ms: u64,
+    /// After a failed call an endpoint is avoided for this long, unless all are.
+    pub eject_ms: u64,
+}
+
+impl Default for RankerEndpoints {
+    fn default() -> Self {
+        Self { addresses: vec!["127.0.0.1:50052".into()], dns: None, resolve_interval_ms: 5_000, eject_ms: 2_000 }
+    }
+}
+
+/// The `[gateway]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (`/metrics`); none disables the exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Retriever address, `host:port`.
+    pub retriever: String,
+    /// Ranker pods.
+    pub rankers: RankerEndpoints,
+    /// History store.
+    pub store: StoreConfig,
+    /// On first start with an empty store, load the data set's train + validation histories so
+    /// that each user's test item is what Recommend should predict.
+    pub seed_from_dataset: bool,
+    /// Largest `k` a request may ask for.
+    pub max_k: u32,
+    /// Candidates the ranker re-orders when a request does not say (the paper's 20).
+    pub default_candidates: u32,
+    /// Largest number of candidates (the ranker's index letters).
+    pub max_candidates: u32,
+    /// History items whose titles go into the ranker's prompt (the paper's 20).
+    pub prompt_history: u32,
+    /// Weight of the verbalizer log-probability in the fused score; the retriever's normalised
+    /// score gets `1 - ranker_weight`. 1.0 is the paper's behaviour (order by the LLM alone).
+    pub ranker_weight: f32,
+    /// Longest accepted user id, in bytes.
+    pub max_user_id_len: usize,
+    /// Most events in one AppendEvents or Recommend call.
+    pub max_events_per_call: usize,
+    /// Longest history sent to the retriever (the most recent items are kept).
+    pub max_history: usize,
+    /// Requests in flight before new ones are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Deadline assumed when the caller sends none.
+    pub default_deadline_ms: u64,
+    /// Share of the remaining deadline the retriever may use.
+    pub retrieve_budget_ms: u64,
+    /// Time kept back from the deadline for merging and sending the answer.
+    pub reserve_ms: u64,
+    /// Below this much remaining time the ranker is not even called (degraded, timeout).
+    pub min_rank_budget_ms: u64,
+    /// History cache: most users kept.
+    pub cache_entries: usize,
+    /// History cache: how long an entry is trusted (other replicas may have appended).
+    pub cache_ttl_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50050".parse().expect("valid literal"),
+            metrics_listen: Some("127.0.0.1:9090".parse().expect("valid literal")),
+            retriever: "127.0.0.1:50051".into(),
+            rankers: RankerEndpoints::default(),
+            store: StoreConfig::Embedded { path: "runs/gateway/histories.redb".into() },
+            seed_from_dataset: true,
+            max_k: 100,
+            default_candidates: 20,
+            max_candidates: 20,
+            prompt_history: 20,
+            ranker_weight: 1.0,
+            max_user_id_len: 256,
+            max_events_per_call: 256,
+            max_history: 200,
+            max_in_flight: 256,
+            default_deadline_ms: 5_000,
+            retrieve_budget_ms: 200,
+            reserve_ms: 2,
+            min_rank_budget_ms: 20,
+            cache_entries: 100_000,
+            cache_ttl_ms: 30_000,
+        }
+    }
+}
+
+impl Section for GatewayConfig {
+    const NAME: &'static str = "gateway";
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
+        if !(0.0..=1.0).contains(&self.ranker_weight) {
+            return err("ranker_weight", "must be within 0.0 ..= 1.0");
+        }
+        if self.max_k == 0 {
+            return err("max_k", "must be at least 1");
+        }
+        if self.default_candidates == 0 || self.default_candidates > self.max_candidates {
+            return err("default_candidates", "must be within 1 ..= max_candidates");
+        }
+        if self.max_candidates == 0 || self.max_candidates > 26 {
+            return err("max_candidates", "must be within 1 ..= 26 (one index letter each)");
+        }
+        if self.max_in_flight == 0 {
+            return err("max_in_flight", "must be at least 1");
+        }
+        if self.rankers.addresses.is_empty() && self.rankers.dns.is_none() {
+            // Allowed: the gateway then serves the retriever's order, flagged as degraded.
+            tracing::warn!("no ranker endpoints configured; every Recommend will be degraded");
+        }
+        if self.cache_entries == 0 {
+            return err("cache_entries", "must be at least 1");
+        }
+        if self.max_history == 0 {
+            return err("max_history", "must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! The caller's gRPC deadline and the time budget of each stage.
+
+use std::time::{Duration, Instant};
+
+/// Parses a `grpc-timeout` header value ("250m", "5S", ...; at most 8 digits and a unit).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// When this request must be answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    start: Instant,
+    end: Instant,
+    reserve: Duration,
+}
+
+impl Deadline {
+    /// A deadline `timeout` after `start`, keeping `reserve` back for merging and replying.
+    pub fn new(start: Instant, timeout: Duration, reserve: Duration) -> Self {
+        Self { start, end: start + timeout, reserve }
+    }
+
+    /// Time left for stage work, after the reserve.
+    pub fn remaining(&self) -> Duration {
+        self.end.saturating_duration_since(Instant::now()).saturating_sub(self.reserve)
+    }
+
+    /// Time since the request arrived.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_rejects_garbage() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "12", "5x", "123456789m", "-5m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn remaining_keeps_the_reserve() {
+        let d = Deadline::new(Instant::now(), Duration::from_millis(100), Duration::from_millis(30));
+        assert!(d.remaining() <= Duration::from_millis(70));
+        let past = Deadline::new(Instant::now() - Duration::from_secs(1), Duration::from_millis(10), Duration::ZERO);
+        assert_eq!(past.remaining(), Duration::ZERO);
+    }
+}

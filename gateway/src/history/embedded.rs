@@ -1,0 +1,146 @@
+//! The default store: one redb file. Every append is its own write transaction committed with
+//! redb's default (immediate, fsync'd) durability before it is acknowledged.
+
+use super::{HistoryStore, StoreError, StoredEvent};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+/// (user, sequence number) -> (item id, timestamp ms). Keys sort by user then sequence, so a
+/// user's history is one range scan and the next sequence number is the last key's plus one.
+const EVENTS: TableDefinition<(&str, u64), (&str, i64)> = TableDefinition::new("events");
+/// Marker that the store was seeded from the data set.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// redb-backed [`HistoryStore`].
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file, creating its directory if needed.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(unavailable)?;
+        tx.open_table(EVENTS).map_err(unavailable)?;
+        tx.open_table(META).map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Runs blocking redb work off the async runtime.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+}
+
+fn append_in(tx: &redb::WriteTransaction, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
+    let mut table = tx.open_table(EVENTS).map_err(unavailable)?;
+    let next = table
+        .range((user, 0)..=(user, u64::MAX))
+        .map_err(unavailable)?
+        .next_back()
+        .transpose()
+        .map_err(unavailable)?
+        .map_or(0, |(k, _)| k.value().1 + 1);
+    for (i, e) in events.iter().enumerate() {
+        table.insert((user, next + i as u64), (e.item_id.as_str(), e.timestamp_ms)).map_err(unavailable)?;
+    }
+    Ok((next + events.len() as u64) as u32)
+}
+
+impl HistoryStore for EmbeddedStore {
+    async fn append(&self, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
+        let (user, events) = (user.to_string(), events.to_vec());
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            let len = append_in(&tx, &user, &events)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(len)
+        })
+        .await
+    }
+
+    async fn read(&self, user: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let user = user.to_string();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let table = tx.open_table(EVENTS).map_err(unavailable)?;
+            let range = table.range((user.as_str(), 0)..=(user.as_str(), u64::MAX)).map_err(unavailable)?;
+            range
+                .map(|entry| {
+                    let (_, v) = entry.map_err(unavailable)?;
+                    let (item, ts) = v.value();
+                    Ok(StoredEvent { item_id: item.to_string(), timestamp_ms: ts })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn seed_once(&self, histories: Vec<(String, Vec<StoredEvent>)>) -> Result<bool, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut meta = tx.open_table(META).map_err(unavailable)?;
+                if meta.get("seeded").map_err(unavailable)?.is_some() {
+                    return Ok(false);
+                }
+                meta.insert("seeded", 1).map_err(unavailable)?;
+            }
+            for (user, events) in &histories {
+                append_in(&tx, user, events)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| db.begin_read().map(|_| ()).map_err(unavailable)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(item: &str, ts: i64) -> StoredEvent {
+        StoredEvent { item_id: item.into(), timestamp_ms: ts }
+    }
+
+    #[tokio::test]
+    async fn appends_in_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            assert_eq!(store.append("u1", &[ev("a", 1), ev("b", 2)]).await.unwrap(), 2);
+            assert_eq!(store.append("u1", &[ev("c", 3)]).await.unwrap(), 3);
+            assert_eq!(store.append("u10", &[ev("z", 9)]).await.unwrap(), 1, "prefix-sharing user ids stay apart");
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.read("u1").await.unwrap(), vec![ev("a", 1), ev("b", 2), ev("c", 3)]);
+        assert_eq!(store.read("u10").await.unwrap(), vec![ev("z", 9)]);
+        assert!(store.read("nobody").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn seeds_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("h.redb")).unwrap();
+        assert!(store.seed_once(vec![("u".into(), vec![ev("a", 1)])]).await.unwrap());
+        assert!(!store.seed_once(vec![("u".into(), vec![ev("b", 2)])]).await.unwrap());
+        assert_eq!(store.read("u").await.unwrap(), vec![ev("a", 1)]);
+    }
+}

@@ -1,0 +1,104 @@
+//! Redis-backed histories, shared by several gateway replicas. Each user is one list of
+//! `timestamp_ms item_id` strings; RPUSH appends a whole batch atomically and acknowledges once
+//! Redis has it (run Redis with `appendonly yes`, `appendfsync always` for disk durability).
+
+use super::{HistoryStore, StoreError, StoredEvent};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+/// [`HistoryStore`] over Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn encode(e: &StoredEvent) -> String {
+    format!("{} {}", e.timestamp_ms, e.item_id)
+}
+
+fn decode(s: &str) -> Option<StoredEvent> {
+    let (ts, item) = s.split_once(' ')?;
+    Some(StoredEvent { item_id: item.to_string(), timestamp_ms: ts.parse().ok()? })
+}
+
+impl RedisStore {
+    /// Connects to `url`; the connection manager reconnects by itself after Redis restarts.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(unavailable)?;
+        Ok(Self { conn, prefix: prefix.to_string() })
+    }
+
+    fn key(&self, user: &str) -> String {
+        format!("{}:history:{user}", self.prefix)
+    }
+}
+
+impl HistoryStore for RedisStore {
+    async fn append(&self, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
+        let values: Vec<String> = events.iter().map(encode).collect();
+        let mut conn = self.conn.clone();
+        let len: u64 = conn.rpush(self.key(user), values).await.map_err(unavailable)?;
+        Ok(len as u32)
+    }
+
+    async fn read(&self, user: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn.lrange(self.key(user), 0, -1).await.map_err(unavailable)?;
+        raw.iter()
+            .map(|s| decode(s).ok_or_else(|| StoreError::Unavailable(format!("redis: malformed history entry {s:?} for user {user:?}"))))
+            .collect()
+    }
+
+    async fn seed_once(&self, histories: Vec<(String, Vec<StoredEvent>)>) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        // SET NX elects exactly one replica to seed.
+        let first: bool = redis::cmd("SET")
+            .arg(format!("{}:seeded", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        if !first {
+            return Ok(false);
+        }
+        for chunk in histories.chunks(256) {
+            let mut pipe = redis::pipe();
+            for (user, events) in chunk {
+                if !events.is_empty() {
+                    pipe.rpush(self.key(user), events.iter().map(encode).collect::<Vec<_>>()).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
+        Ok(true)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_even_with_spaces_in_item_ids() {
+        let e = StoredEvent { item_id: "B00 X".into(), timestamp_ms: -5 };
+        assert_eq!(decode(&encode(&e)), Some(e));
+        assert_eq!(decode("garbage"), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! Builds the gateway from configuration and serves it.
+
+use crate::catalog::Catalog;
+use crate::config::{GatewayConfig, StoreConfig};
+use crate::history::{AnyStore, EmbeddedStore, HistoryCache, HistoryStore, RedisStore, StoredEvent};
+use crate::ranker_pool::RankerPool;
+use crate::service::GatewayService;
+use anyhow::Context;
+use llamarec_common::config::{AssetsConfig, ConfigLayers};
+use llamarec_common::data::{DataConfig, Dataset};
+use llamarec_common::serving;
+use llamarec_proto::v1::gateway_server::GatewayServer;
+use llamarec_proto::v1::retriever_client::RetrieverClient;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::Endpoint;
+use tonic_health::ServingStatus;
+
+/// Shutdown grace period when the configuration does not say.
+const GRACE: Duration = Duration::from_secs(10);
+
+async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
+    Ok(match config {
+        StoreConfig::Embedded { path } => AnyStore::Embedded(EmbeddedStore::open(path).with_context(|| format!("opening {}", path.display()))?),
+        StoreConfig::Redis { url, prefix } => AnyStore::Redis(RedisStore::connect(url, prefix).await.with_context(|| format!("connecting to {url}"))?),
+    })
+}
+
+/// The data set's train + validation items per user: what a user "has seen" before the test
+/// item, so Recommend on a seeded store predicts the held-out test item.
+fn seed_histories(dataset: &Dataset) -> Vec<(String, Vec<StoredEvent>)> {
+    dataset
+        .users
+        .iter()
+        .map(|u| {
+            let n = u.items.len().saturating_sub(1);
+            let events = u.items[..n]
+                .iter()
+                .zip(&u.timestamps)
+                .map(|(&i, &ts)| StoredEvent { item_id: dataset.items[i as usize].id.clone(), timestamp_ms: ts * 1000 })
+                .collect();
+            (u.id.clone(), events)
+        })
+        .collect()
+}
+
+/// Loads everything, binds `listener` and serves until `shutdown` resolves.
+pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let config = Arc::new(layers.section::<GatewayConfig>()?);
+    let assets = layers.section::<AssetsConfig>()?;
+    let data = layers.section::<DataConfig>()?;
+    let dataset = Dataset::load(&data, &assets.dir).with_context(|| format!("loading the catalog from data set {}", data.name))?;
+    let catalog = Arc::new(Catalog::from_dataset(&dataset));
+
+    let store = open_store(&config.store).await?;
+    if config.seed_from_dataset && store.seed_once(seed_histories(&dataset)).await? {
+        tracing::info!(users = dataset.users.len(), "seeded the history store from the data set");
+    }
+    drop(dataset);
+    let histories = Arc::new(HistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)));
+
+    let retriever = RetrieverClient::new(
+        Endpoint::from_shared(format!("http://{}", config.retriever))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    );
+    let rankers = RankerPool::new(&config.rankers)?;
+    if let Some(dns) = config.rankers.dns.clone() {
+        tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
+    }
+    if let Some(addr) = config.metrics_listen {
+        llamarec_common::telemetry::install_prometheus(addr).with_context(|| format!("metrics listener on {addr}"))?;
+    }
+
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers);
+    let (health, health_service) = serving::health();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
+        .add_service(GatewayServer::new(service));
+    tracing::info!(listen = %listener.local_addr()?, retriever = %config.retriever, rankers = ?config.rankers.addresses, "gateway serving");
+    serving::serve_until(router, listener, health, GRACE, shutdown).await?;
+    Ok(())
+}
