@@ -1,1 +1,160 @@
-//! Cross-process tests live in `tests/tests/`; this crate has no library code.
+//! Harness for the cross-process tests in `tests/tests/`: free loopback ports, the workspace's
+//! release binaries started as child processes (killed when dropped), a throw-away
+//! `redis-server`, and waiting for grpc.health.v1 to report SERVING.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+/// A workspace binary next to the test executable (`target/release/NAME`). `cargo test
+/// --workspace` builds every binary target before running tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --release --workspace` first", path.display());
+    path
+}
+
+/// A child process that is killed (SIGKILL) when dropped.
+pub struct Process {
+    /// The child.
+    pub child: Child,
+    /// For messages.
+    pub name: String,
+}
+
+impl Process {
+    /// Starts `program` with `args` and extra environment, output inherited so failures show.
+    pub fn start(name: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args).current_dir(repo_root()).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name} ({}): {e}", program.display()));
+        Self { child, name: name.to_string() }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private redis-server on a free port with append-only fsync-always persistence in a
+/// temporary directory.
+pub struct Redis {
+    /// The server process.
+    pub process: Process,
+    /// Its port.
+    pub port: u16,
+    /// Its data directory (kept across restarts of the same instance).
+    pub dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts redis-server (installed by `.ci/run` from Debian's packages).
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let process = Self::spawn(dir.path(), port);
+        Self { process, port, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Process {
+        let program = which("redis-server").expect("redis-server not found: install it (`apt-get install -y redis-server`); .ci/run does");
+        let port_s = port.to_string();
+        let dir_s = dir.display().to_string();
+        let log = dir.join("redis.log").display().to_string();
+        let p = Process::start(
+            "redis-server",
+            &program,
+            &["--port", &port_s, "--bind", "127.0.0.1", "--dir", &dir_s, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", &log],
+            &[],
+        );
+        wait_for_port(port, Duration::from_secs(10));
+        p
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(self.dir.path(), self.port);
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+/// Blocks until something accepts TCP connections on the loopback port.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < timeout, "nothing listening on port {port} after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the gRPC server at `addr` reports SERVING for the overall service ("").
+pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let mut last = String::from("never connected");
+    while start.elapsed() < timeout {
+        match tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect().await {
+            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                Ok(r) => last = format!("status {}", r.get_ref().status),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
+}
