@@ -58,16 +58,32 @@ impl KvCache {
             .sum()
     }
 
-    /// One row as a batch-1 cache with its padding dropped. The tensors are copied so the
-    /// result does not keep the whole batch's storage alive.
+    /// One row as a batch-1 cache with its leading padding dropped. The tensors are copied so
+    /// the result does not keep the whole batch's storage alive.
     pub fn row(&self, i: usize) -> Result<KvCache> {
+        let n = self.token_counts().get(i).copied().unwrap_or(0);
+        self.row_prefix(i, n)
+    }
+
+    /// The first `tokens` real tokens of row `i` as a batch-1 cache (e.g. a user's
+    /// prefix + history state, cut from a forward pass that also ran the candidates).
+    pub fn row_prefix(&self, i: usize, tokens: usize) -> Result<KvCache> {
         let valid = self.valid.get(i).ok_or_else(|| {
             RankerError::InvalidModel(format!("cache row {i} out of {}", self.batch_size()))
         })?;
-        // Left padding is the only padding a single-prefix row can have at its start; a row
-        // built by `stack` then extended may also have inner padding, which we keep (masked).
         let start = valid.iter().position(|v| *v).unwrap_or(valid.len());
-        let len = valid.len() - start;
+        let mut seen = 0;
+        let mut end = start;
+        while seen < tokens {
+            if end == valid.len() {
+                return Err(RankerError::InvalidModel(format!(
+                    "cache row {i} holds fewer than {tokens} tokens"
+                )));
+            }
+            seen += usize::from(valid[end]);
+            end += 1;
+        }
+        let len = end - start;
         let layers = self
             .layers
             .iter()
@@ -80,7 +96,7 @@ impl KvCache {
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
-            valid: vec![valid[start..].to_vec()],
+            valid: vec![valid[start..end].to_vec()],
         })
     }
 

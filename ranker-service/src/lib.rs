@@ -9,6 +9,10 @@
 //! - [`kv_cache`]: cached attention state for shared prefixes.
 //! - [`lora`]: LoRA adapters.
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata or `tokenizer.json`.
+//! - [`prompt`]: prompt templates and their three-part rendering.
+//! - [`verbalizer`]: the answer-letter token ids.
+//! - [`sample`]: the fixed MovieLens request used by benchmarks and tests.
+//! - [`ranker`]: scoring requests (prompt -> one forward pass -> letter logits), prefix cache.
 
 pub mod config;
 pub mod error;
@@ -16,7 +20,11 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod prompt;
+pub mod ranker;
+pub mod sample;
 pub mod tokenizer;
+pub mod verbalizer;
 pub mod weights;
 
 pub use config::LlamaConfig;
@@ -25,5 +33,8 @@ pub use gguf::GgufFile;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
 pub use lora::{LoraAdapter, LoraPair, Projection};
+pub use prompt::{PromptRenderer, PromptTemplate, RenderedPrompt, TokenizedPrompt};
+pub use ranker::{PreparedRequest, Ranker, RankerModelConfig, ScoreInput, Scores};
 pub use tokenizer::Tokenizer;
+pub use verbalizer::Verbalizer;
 pub use weights::{Linear, WeightPrecision, WeightSource};

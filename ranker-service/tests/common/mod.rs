@@ -52,3 +52,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The ranker on the shipped model with the default (Alpaca) template, loaded once.
+pub fn ranker() -> &'static ranker_service::Ranker {
+    static RANKER: OnceLock<ranker_service::Ranker> = OnceLock::new();
+    RANKER.get_or_init(|| {
+        let gguf = GgufFile::open(require_model()).expect("open GGUF");
+        let tok = ranker_service::Tokenizer::from_gguf(&gguf).expect("tokenizer");
+        let renderer =
+            ranker_service::PromptRenderer::new(ranker_service::PromptTemplate::alpaca(), tok)
+                .expect("renderer");
+        ranker_service::Ranker::new(model().clone(), renderer).expect("ranker")
+    })
+}

@@ -1,0 +1,231 @@
+//! The ranker's scoring entry point: model + prompt + verbalizer + prefix cache.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RankerError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::llama::{Llama, LoadOptions, Positions, TokenBatch, TokenHead};
+use crate::prompt::{PromptRenderer, PromptTemplate, TokenizedPrompt};
+use crate::tokenizer::Tokenizer;
+use crate::verbalizer::Verbalizer;
+use crate::weights::WeightPrecision;
+
+/// Configuration of the ranker's model core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankerModelConfig {
+    /// A GGUF file, or an HF directory with `config.json`, `*.safetensors`, `tokenizer.json`.
+    pub model: PathBuf,
+    /// An explicit `tokenizer.json`; default: the GGUF metadata or the HF directory's file.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// How quantized GGUF weights are held.
+    #[serde(default)]
+    pub precision: WeightPrecision,
+    /// The prompt template.
+    #[serde(default)]
+    pub template: PromptTemplate,
+}
+
+/// A request rendered, tokenized and checked against the model's context.
+#[derive(Debug, Clone)]
+pub struct PreparedRequest {
+    /// The prompt's ids and part boundaries.
+    pub prompt: TokenizedPrompt,
+    /// Number of candidates (the first this-many letters are scored).
+    pub num_candidates: usize,
+}
+
+/// One row of a scoring batch.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreInput<'a> {
+    /// The request.
+    pub request: &'a PreparedRequest,
+    /// This user's cached prefix + history state, from [`Scores::history_cache`] of an earlier
+    /// request with the same history; the pass then runs only the candidate part.
+    pub history_cache: Option<&'a KvCache>,
+    /// Whether to cut this row's prefix + history state out of the pass for later reuse.
+    pub want_history_cache: bool,
+}
+
+/// Scores of one request.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// Raw logit of each candidate's letter token, in candidate order.
+    pub logits: Vec<f32>,
+    /// Softmax of `logits` over the candidates.
+    pub probabilities: Vec<f32>,
+    /// Prefix + history attention state, when asked for and the prompt is splittable.
+    pub history_cache: Option<KvCache>,
+    /// Tokens this pass actually ran for the request (after cached parts).
+    pub tokens_run: usize,
+}
+
+/// Scores candidates with one forward pass per batch: the logits of the candidates' letter
+/// tokens at the prompt's last position.
+#[derive(Debug, Clone)]
+pub struct Ranker {
+    model: Llama,
+    renderer: PromptRenderer,
+    verbalizer: Verbalizer,
+    head: TokenHead,
+    /// The fixed instruction prefix, run once at construction.
+    prefix_cache: KvCache,
+}
+
+impl Ranker {
+    /// Loads model and tokenizer as configured and prepares the verbalizer and prefix cache.
+    pub fn load(config: &RankerModelConfig, opts: &LoadOptions) -> Result<Self> {
+        let opts = LoadOptions {
+            precision: config.precision,
+            ..opts.clone()
+        };
+        let (model, tokenizer) = if config.model.is_dir() {
+            let model = Llama::from_safetensors_dir(&config.model, &opts)?;
+            let path = config
+                .tokenizer
+                .clone()
+                .unwrap_or_else(|| config.model.join("tokenizer.json"));
+            (model, Tokenizer::from_file(&path)?)
+        } else {
+            let mut gguf = GgufFile::open(&config.model)?;
+            let model = Llama::from_gguf(&mut gguf, &opts)?;
+            let tokenizer = match &config.tokenizer {
+                Some(p) => Tokenizer::from_file(p)?,
+                None => Tokenizer::from_gguf(&gguf)?,
+            };
+            (model, tokenizer)
+        };
+        let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
+        Self::new(model, renderer)
+    }
+
+    /// Wires a loaded model to a renderer.
+    pub fn new(model: Llama, renderer: PromptRenderer) -> Result<Self> {
+        let verbalizer = Verbalizer::new(&renderer)?;
+        let head = model.token_head(verbalizer.token_ids())?;
+        let prefix = TokenBatch::left_padded(&[renderer.prefix_ids()], model.device())?;
+        let prefix_cache = model.forward(&prefix, None, None, Positions::Last)?.cache;
+        Ok(Self {
+            model,
+            renderer,
+            verbalizer,
+            head,
+            prefix_cache,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The prompt renderer (template and tokenizer).
+    pub fn renderer(&self) -> &PromptRenderer {
+        &self.renderer
+    }
+
+    /// The verbalizer.
+    pub fn verbalizer(&self) -> &Verbalizer {
+        &self.verbalizer
+    }
+
+    /// Renders and tokenizes a request and checks it fits the context.
+    pub fn prepare<H: AsRef<str>, C: AsRef<str>>(
+        &self,
+        history: &[H],
+        candidates: &[C],
+    ) -> Result<PreparedRequest> {
+        let rendered = self.renderer.render(history, candidates)?;
+        let prompt = self.renderer.tokenize(&rendered)?;
+        let max = self.model.config().max_seq_len;
+        if prompt.ids.len() > max {
+            return Err(RankerError::ContextOverflow {
+                tokens: prompt.ids.len(),
+                max,
+            });
+        }
+        Ok(PreparedRequest {
+            prompt,
+            num_candidates: candidates.len(),
+        })
+    }
+
+    /// Scores a batch in one forward pass. Each row starts from the most specific cached state
+    /// available: its history cache, else the shared prefix, else nothing (prompts whose parts
+    /// do not tokenize independently).
+    pub fn score_batch(&self, inputs: &[ScoreInput]) -> Result<Vec<Scores>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let empty = self.model.empty_cache(1)?;
+        let mut starts: Vec<&KvCache> = Vec::with_capacity(inputs.len());
+        let mut suffixes: Vec<&[u32]> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let p = &input.request.prompt;
+            let (cache, ids) = match (p.splittable, input.history_cache) {
+                (true, Some(h)) => (h, p.candidates()),
+                (true, None) => (&self.prefix_cache, &p.ids[p.prefix_len..]),
+                (false, _) => (&empty, &p.ids[..]),
+            };
+            if cache.batch_size() != 1 {
+                return Err(RankerError::InvalidModel("history cache must have one row".into()));
+            }
+            starts.push(cache);
+            suffixes.push(ids);
+        }
+        let cache = KvCache::stack(&starts)?;
+        let batch = TokenBatch::left_padded(&suffixes, self.model.device())?;
+        let out = self.model.forward(&batch, Some(&cache), None, Positions::Last)?;
+        let logits: Vec<Vec<f32>> = self
+            .head
+            .logits(&out.last_hidden()?)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        inputs
+            .iter()
+            .zip(logits)
+            .enumerate()
+            .map(|(row, (input, mut row_logits))| {
+                row_logits.truncate(input.request.num_candidates);
+                let p = &input.request.prompt;
+                let history_cache = if input.want_history_cache && p.splittable {
+                    Some(out.cache.row_prefix(row, p.prefix_len + p.history_len)?)
+                } else {
+                    None
+                };
+                Ok(Scores {
+                    probabilities: softmax(&row_logits),
+                    logits: row_logits,
+                    history_cache,
+                    tokens_run: suffixes[row].len(),
+                })
+            })
+            .collect()
+    }
+
+    /// Scores one request from scratch (no history cache).
+    pub fn score<H: AsRef<str>, C: AsRef<str>>(
+        &self,
+        history: &[H],
+        candidates: &[C],
+    ) -> Result<Scores> {
+        let request = self.prepare(history, candidates)?;
+        let input = ScoreInput {
+            request: &request,
+            history_cache: None,
+            want_history_cache: false,
+        };
+        Ok(self.score_batch(&[input])?.remove(0))
+    }
+}
+
+fn softmax(xs: &[f32]) -> Vec<f32> {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = xs.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
