@@ -27,6 +27,16 @@ enum Command {
     /// Inspect the configured data set.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Run the whole cluster locally: retriever, ranker and gateway as separate processes.
+    Up(commands::up::UpArgs),
+    /// Run one service in this process (what `up` starts three times).
+    Serve {
+        /// Which service.
+        #[arg(value_enum)]
+        service: commands::serve::ServiceName,
+    },
+    /// Ask a running gateway for recommendations.
+    Recommend(commands::recommend::RecommendArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,5 +56,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch(args) => commands::fetch::run(&layers, args),
         Command::Data(cmd) => commands::data::run(&layers, cmd),
+        Command::Up(args) => runtime()?.block_on(commands::up::run(&layers, args)),
+        Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
+        Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
     }
+}
+
+/// The async runtime, only for the commands that talk gRPC.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

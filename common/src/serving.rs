@@ -80,3 +80,25 @@ pub async fn serve_until(
         }
     }
 }
+
+/// Waits until the gRPC server at `addr` (`host:port`) reports SERVING for the overall service
+/// (""), polling every 100 ms; the error says what the last attempt saw.
+pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let start = std::time::Instant::now();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+    let mut last = String::from("never connected");
+    while start.elapsed() < timeout {
+        match endpoint.connect().await {
+            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                Ok(r) => last = format!("health status {}", r.get_ref().status().as_str_name()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
+}

@@ -16,7 +16,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The retriever failed; without candidates there is nothing to return.
-    #[error("retriever {address}: {status}")]
+    #[error("retriever {address}: {}", status.message())]
     Retriever {
         /// The retriever's address.
         address: String,

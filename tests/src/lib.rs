@@ -6,9 +6,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -141,20 +138,4 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
-/// Waits until the gRPC server at `addr` reports SERVING for the overall service ("").
-pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    let mut last = String::from("never connected");
-    while start.elapsed() < timeout {
-        match tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect().await {
-            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                Ok(r) => last = format!("status {}", r.get_ref().status),
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
-}
+pub use llamarec_common::serving::wait_serving;

@@ -2,3 +2,7 @@
 
 pub mod data;
 pub mod fetch;
+pub mod json;
+pub mod recommend;
+pub mod serve;
+pub mod up;
