@@ -35,6 +35,8 @@ enum Command {
         #[arg(value_enum)]
         service: commands::serve::ServiceName,
     },
+    /// Evaluate a stage on a split (Recall/NDCG/MRR at 1, 5, 10, 20).
+    Eval(commands::eval::EvalArgs),
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
 }
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => commands::data::run(&layers, cmd),
         Command::Up(args) => runtime()?.block_on(commands::up::run(&layers, args)),
         Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
+        Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
     }
 }

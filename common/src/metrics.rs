@@ -159,6 +159,27 @@ impl TwoStageAccumulator {
     }
 }
 
+/// What every `llamarec eval` writes as JSON, whichever stage and however it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// "retriever" or "two-stage".
+    pub stage: String,
+    /// The split evaluated.
+    pub split: crate::data::Split,
+    /// Data set name.
+    pub dataset: String,
+    /// How it ran: "in-process" or "gateway <addr>".
+    pub via: String,
+    /// Candidates per user ranked by the LLM (two-stage only).
+    pub candidates: Option<usize>,
+    /// Over all evaluated users.
+    pub all_users: MetricReport,
+    /// Over the users whose target was among the candidates (two-stage only).
+    pub valid_subset: Option<MetricReport>,
+    /// Wall time of the evaluation.
+    pub wall_seconds: f64,
+}
+
 /// Formats a report as a table with one row per K (what `llamarec eval` prints).
 pub fn format_table(title: &str, report: &MetricReport) -> String {
     let mut out = format!("{title} ({} users)\n{:>6} {:>8} {:>8} {:>8}\n", report.users, "K", "Recall", "NDCG", "MRR");

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod data;
+pub mod eval;
 pub mod fetch;
 pub mod json;
 pub mod recommend;
