@@ -32,6 +32,28 @@ pub fn training_windows<'a>(sequences: &[&'a [u32]], max_len: usize, step: usize
     windows
 }
 
+/// Windows per pool when grouping by length: batches are cut from pools of
+/// `LENGTH_POOL_BATCHES` batches' worth of shuffled windows.
+const LENGTH_POOL_BATCHES: usize = 32;
+
+/// Splits a shuffled window order into batches of similar lengths, in random batch order.
+///
+/// A batch is padded to its longest window, so random batches from ML-100K (many histories
+/// over 200 items, many under 50) would be more than half padding. Sorting within pools of a
+/// few dozen batches keeps batches nearly padding-free while their composition and order still
+/// change every epoch.
+pub fn length_grouped_batches(order: &[usize], windows: &[&[u32]], batch_size: usize, rng: &mut impl rand::Rng) -> Vec<Vec<usize>> {
+    use rand::seq::SliceRandom;
+    let mut batches: Vec<Vec<usize>> = Vec::with_capacity(order.len().div_ceil(batch_size));
+    for pool in order.chunks(batch_size * LENGTH_POOL_BATCHES) {
+        let mut pool = pool.to_vec();
+        pool.sort_by_key(|&i| windows[i].len());
+        batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
+}
+
 /// One training batch.
 #[derive(Debug)]
 pub struct Batch {
@@ -90,6 +112,28 @@ mod tests {
         assert_eq!(windows[2], &[5, 6, 7, 8]);
         assert_eq!(windows[3], &[1, 2, 3, 4]);
         assert_eq!(windows.len(), 4, "a one-item sequence gives no pair");
+    }
+
+    #[test]
+    fn length_grouping_covers_every_window_once_in_full_batches() {
+        use rand::SeedableRng;
+        let seqs: Vec<Vec<u32>> = (0..100).map(|i| vec![1; 2 + (i * 37) % 50]).collect();
+        let windows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let order: Vec<usize> = (0..100).rev().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let batches = length_grouped_batches(&order, &windows, 16, &mut rng);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        assert_eq!(batches.iter().filter(|b| b.len() < 16).count(), 1, "only the pool's tail is short");
+        let padding: usize = batches
+            .iter()
+            .map(|b| {
+                let longest = b.iter().map(|&i| windows[i].len()).max().unwrap();
+                b.iter().map(|&i| longest - windows[i].len()).sum::<usize>()
+            })
+            .sum();
+        assert!(padding < 100 * 4, "batches of similar lengths: {padding} padded positions");
     }
 
     #[test]

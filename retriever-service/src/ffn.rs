@@ -40,12 +40,9 @@ impl FeedForward {
     /// Applies the network to every position of `x` (batch, length, D).
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut DropoutRng>) -> candle_core::Result<Tensor> {
         let (batch, len, d) = x.dims3()?;
-        let inner = x
-            .reshape((batch * len, d))?
-            .matmul(&self.w1.as_tensor().t()?)?
-            .broadcast_add(self.b1.as_tensor())?
-            // The reference uses PyTorch's exact (erf) GELU; serving uses the same formula.
-            .gelu_erf()?;
+        let pre = x.reshape((batch * len, d))?.matmul(&self.w1.as_tensor().t()?)?.broadcast_add(self.b1.as_tensor())?;
+        // The reference uses PyTorch's exact (erf) GELU; serving uses the same formula.
+        let inner = crate::ops::gelu_erf(&pre)?;
         let out = dropout(&inner, self.dropout, rng)?
             .matmul(&self.w2.as_tensor().t()?)?
             .broadcast_add(self.b2.as_tensor())?

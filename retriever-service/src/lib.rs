@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod lru;
 pub mod model;
 pub mod norm;
+pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod retriever;

@@ -61,16 +61,18 @@ impl LruLayer {
         let h = self.state_dim;
         let p = self.params_log.as_tensor().exp()?;
         let (nu, theta, gamma) = (p.get(0)?, p.get(1)?, p.get(2)?);
-        let bx = x
+        let modulus = nu.neg()?.exp()?;
+        let lambda = Tensor::cat(&[(&modulus * theta.cos()?)?, (&modulus * theta.sin()?)?], 0)?;
+        let gamma = Tensor::cat(&[&gamma, &gamma], 0)?;
+        let b = x
             .reshape((batch * len, d))?
             .matmul(&self.in_weight.as_tensor().t()?)?
             .broadcast_add(self.in_bias.as_tensor())?
+            .broadcast_mul(&gamma)?
             .reshape((batch, len, 2 * h))?
             .broadcast_mul(mask)?;
-        let b_re = bx.narrow(2, 0, h)?.broadcast_mul(&gamma)?;
-        let b_im = bx.narrow(2, h, h)?.broadcast_mul(&gamma)?;
-        let (h_re, h_im) = parallel_scan(&b_re, &b_im, &nu, &theta)?;
-        let y = Tensor::cat(&[h_re, h_im], 2)?
+        let states = parallel_scan(&b, &lambda)?;
+        let y = states
             .reshape((batch * len, 2 * h))?
             .matmul(&self.out_weight.as_tensor().t()?)?
             .broadcast_add(self.out_bias.as_tensor())?

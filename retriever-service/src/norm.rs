@@ -1,10 +1,10 @@
 //! Layer normalisation over the last dimension, for the training graph.
 //!
 //! `candle_nn::LayerNorm` dispatches contiguous inputs to a fused kernel without a backward pass,
-//! which would silently cut the gradient; this one is built from differentiable operations.
+//! which would silently cut the gradient; this one uses [`crate::ops::layer_norm`], which has one.
 
 use crate::params::{Init, ParamStore};
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
 /// Learned gain and bias of a layer norm.
 #[derive(Debug, Clone)]
@@ -29,11 +29,6 @@ impl LayerNorm {
 
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())
+        crate::ops::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
     }
 }

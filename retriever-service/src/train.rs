@@ -1,7 +1,7 @@
 //! The training loop: AdamW on cross-entropy over all items at every position, validation
 //! Recall@10 after each epoch, early stopping, a resumable checkpoint directory and a report.
 
-use crate::batch::{training_windows, Batch};
+use crate::batch::{length_grouped_batches, training_windows, Batch};
 use crate::catalog::CatalogItem;
 use crate::checkpoint::{
     read_json, write_json, CONFIG_FILE, ITEMS_FILE, LAST_MODEL_FILE, MODEL_FILE, OPTIMIZER_FILE, REPORT_FILE,
@@ -176,6 +176,7 @@ pub fn catalog_items(dataset: &Dataset) -> Vec<CatalogItem> {
 /// returns the report also written to `report.json`.
 pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<TrainReport> {
     let run_started = Instant::now();
+    keep_freed_memory();
     let device = Device::Cpu;
     let mut config = config.clone();
     config.model.num_items = dataset.num_items();
@@ -239,15 +240,17 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         bar.reset();
         bar.set_prefix(format!("epoch {epoch:>3}"));
         order.sort_unstable();
-        order.shuffle(&mut epoch_rng(config.seed, epoch, 1));
+        let mut shuffle_rng = epoch_rng(config.seed, epoch, 1);
+        order.shuffle(&mut shuffle_rng);
+        let batches = length_grouped_batches(&order, &windows, config.batch_size, &mut shuffle_rng);
         let mut dropout_rng = DropoutRng::new(epoch_rng(config.seed, epoch, 2));
         let (mut loss_sum, mut targets_seen) = (0.0f64, 0usize);
-        for chunk in order.chunks(config.batch_size) {
+        for chunk in &batches {
             let batch_windows: Vec<&[u32]> = chunk.iter().map(|&i| windows[i]).collect();
             let batch = Batch::new(&batch_windows, &device)?;
             let hidden = model.forward(&batch.tokens, Some(&mut dropout_rng))?;
             let hidden = hidden.flatten_to(1)?.index_select(&batch.positions, 0)?;
-            let loss = candle_nn::loss::cross_entropy(&model.scores(&hidden)?, &batch.targets)?;
+            let loss = crate::ops::cross_entropy(&model.scores(&hidden)?, &batch.targets)?;
             let grads = loss.backward()?;
             optimizer.step(model.params(), &grads, config.grad_clip)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.num_targets as f64;
@@ -311,6 +314,22 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
     };
     write_json(&out_dir.join(REPORT_FILE), &report)?;
     Ok(report)
+}
+
+/// Makes glibc's allocator keep freed memory instead of returning it to the kernel.
+///
+/// Every candle operation allocates its output (megabytes per activation at batch 16 × 200) and
+/// frees it soon after; with glibc's defaults large blocks are mapped and unmapped each time, and
+/// zeroing the fresh pages took about 40% of a training step. This is a process-wide setting:
+/// memory stays with the process until it exits.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is safe to call at any time.
+    unsafe {
+        // 32 MiB is glibc's ceiling for the mmap threshold; activations are below it.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
 
 fn best_text(state: &TrainerState) -> String {
