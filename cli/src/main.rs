@@ -37,6 +37,9 @@ enum Command {
     },
     /// Evaluate a stage on a split (Recall/NDCG/MRR at 1, 5, 10, 20).
     Eval(commands::eval::EvalArgs),
+    /// Benchmarks that write JSON.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
 }
@@ -61,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => runtime()?.block_on(commands::up::run(&layers, args)),
         Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
         Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
+        Command::Bench(cmd) => runtime()?.block_on(commands::bench::run(&layers, cmd)),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
     }
 }

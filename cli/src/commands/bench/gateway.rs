@@ -1,0 +1,144 @@
+//! `llamarec bench gateway`: against a running cluster,
+//! 1. the gateway's overhead: Recommend (with the ranker) and the same Rank call sent to the
+//!    ranker directly, interleaved one at a time, so both see the same machine state;
+//! 2. retriever-only Recommend (skip ranker) throughput with concurrent closed-loop clients.
+
+use super::latency::Latencies;
+use super::write_json;
+use anyhow::{Context, Result};
+use gateway::config::GatewayConfig;
+use llamarec_common::config::{AssetsConfig, ConfigLayers};
+use llamarec_common::data::{DataConfig, Dataset};
+use llamarec_proto::v1::gateway_client::GatewayClient;
+use llamarec_proto::v1::ranker_client::RankerClient;
+use llamarec_proto::v1::{GetHistoryRequest, RankRequest, RecommendOptions, RecommendRequest};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayBenchArgs {
+    /// Write the results here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Interleaved Recommend/Rank pairs for the overhead measurement.
+    #[arg(long, default_value_t = 30)]
+    overhead_requests: usize,
+    /// Concurrent clients for the throughput measurement.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Duration of the throughput measurement, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+async fn connect(addr: &str) -> Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.with_context(|| format!("connecting to {addr}"))?)
+}
+
+fn recommend(user: &str, skip_ranker: bool) -> RecommendRequest {
+    RecommendRequest { user_id: user.into(), k: 10, options: Some(RecommendOptions { num_candidates: 20, skip_ranker }), ..Default::default() }
+}
+
+pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
+    let config = layers.section::<GatewayConfig>()?;
+    let assets = layers.section::<AssetsConfig>()?;
+    let data = layers.section::<DataConfig>()?;
+    let dataset = Dataset::load(&data, &assets.dir)?;
+    let users: Vec<String> = dataset.users.iter().map(|u| u.id.clone()).collect();
+    let titles: std::collections::HashMap<&str, &str> = dataset.items.iter().map(|i| (i.id.as_str(), i.title.as_str())).collect();
+    let gateway_addr = config.listen.to_string();
+    let ranker_addr = config.rankers.addresses.first().cloned().context("gateway.rankers.addresses is empty")?;
+    let gateway_channel = connect(&gateway_addr).await?;
+    let mut gateway = GatewayClient::new(gateway_channel.clone());
+    let mut ranker = RankerClient::new(connect(&ranker_addr).await?);
+
+    // 1. Overhead, one request at a time.
+    let mut via_gateway = Latencies::default();
+    let mut direct = Latencies::default();
+    for (i, user) in users.iter().cycle().take(args.overhead_requests).enumerate() {
+        // The same prompt the gateway would send: its candidates, the user's last 20 titles.
+        let history = gateway.get_history(GetHistoryRequest { user_id: user.clone(), limit: 20 }).await?.into_inner().events;
+        let skip = gateway.recommend(recommend(user, true)).await?.into_inner();
+        let candidates = skip.items.iter().map(|i| i.title.clone()).collect::<Vec<_>>();
+        let rank = RankRequest {
+            history_titles: history.iter().filter_map(|e| titles.get(e.item_id.as_str()).map(|t| t.to_string())).collect(),
+            candidate_titles: candidates,
+        };
+        let t = Instant::now();
+        let r = gateway.recommend(recommend(user, false)).await?.into_inner();
+        via_gateway.record(t.elapsed());
+        anyhow::ensure!(!r.degraded, "Recommend was degraded ({}); the benchmark needs a healthy ranker", r.degraded_detail);
+        let t = Instant::now();
+        ranker.rank(rank).await?;
+        direct.record(t.elapsed());
+        eprintln!("overhead pair {}/{}", i + 1, args.overhead_requests);
+    }
+
+    // 2. Retriever-only throughput, closed loop.
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|w| {
+            let mut client = GatewayClient::new(gateway_channel.clone());
+            let users = users.clone();
+            tokio::spawn(async move {
+                let mut lat = Latencies::default();
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match client.recommend(recommend(&users[i % users.len()], true)).await {
+                        Ok(_) => lat.record(t.elapsed()),
+                        Err(_) => lat.error(),
+                    }
+                    i += args.concurrency;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut retriever_only = Latencies::default();
+    for w in workers {
+        retriever_only.merge(&w.await?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rps = retriever_only.count() as f64 / elapsed;
+
+    let overhead_p99 = via_gateway.quantile_ms(0.99) - direct.quantile_ms(0.99);
+    let overhead_p50 = via_gateway.quantile_ms(0.50) - direct.quantile_ms(0.50);
+    let report = json!({
+        "bench": "gateway",
+        "gateway": gateway_addr,
+        "ranker": ranker_addr,
+        "recommend_with_ranker": via_gateway.summary(),
+        "rank_direct": direct.summary(),
+        "gateway_overhead_p50_ms": overhead_p50,
+        "gateway_overhead_p99_ms": overhead_p99,
+        "retriever_only": {
+            "concurrency": args.concurrency,
+            "seconds": elapsed,
+            "requests_per_second": rps,
+            "latency": retriever_only.summary(),
+        },
+    });
+    println!(
+        "Recommend p50/p99 {:.1}/{:.1} ms · Rank direct p50/p99 {:.1}/{:.1} ms · gateway overhead p50 {:.2} ms, p99 {:.2} ms",
+        via_gateway.quantile_ms(0.5),
+        via_gateway.quantile_ms(0.99),
+        direct.quantile_ms(0.5),
+        direct.quantile_ms(0.99),
+        overhead_p50,
+        overhead_p99
+    );
+    println!(
+        "retriever-only Recommend: {rps:.0} req/s at concurrency {} · p50 {:.2} ms · p99 {:.2} ms",
+        args.concurrency,
+        retriever_only.quantile_ms(0.5),
+        retriever_only.quantile_ms(0.99)
+    );
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! `llamarec bench ...`: benchmarks that write JSON (figures go to BENCHMARKS.md with the
+//! command that produced them). Never timed assertions in tests.
+
+pub mod gateway;
+pub mod latency;
+
+use anyhow::Result;
+use llamarec_common::config::ConfigLayers;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Gateway overhead over the ranker, and retriever-only Recommend throughput, against a
+    /// running cluster (`llamarec up`).
+    Gateway(gateway::GatewayBenchArgs),
+}
+
+pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Gateway(args) => gateway::run(layers, args).await,
+    }
+}
+
+/// Writes `value` as pretty JSON to `path` (creating its directory) and says so.
+pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
