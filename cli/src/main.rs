@@ -40,6 +40,14 @@ enum Command {
     /// Benchmarks that write JSON.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Exit 0 when the gRPC server at ADDR reports SERVING (container health probes).
+    Health {
+        /// `host:port` of any of the three services.
+        addr: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout_s: u64,
+    },
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
 }
@@ -65,6 +73,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
         Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
         Command::Bench(cmd) => runtime()?.block_on(commands::bench::run(&layers, cmd)),
+        Command::Health { addr, timeout_s } => runtime()?
+            .block_on(llamarec_common::serving::wait_serving(&addr, std::time::Duration::from_secs(timeout_s)))
+            .map_err(anyhow::Error::msg),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
     }
 }
