@@ -184,25 +184,26 @@ impl Encoder {
             let rows = n - first_row;
 
             linear(&x, n, &layer.in_weight, &layer.in_bias, 2 * h, d, &mut bx);
+            // The recurrence, in place: row t of `bx` becomes h_t = λ h_{t-1} + γ (B x_t).
             let hidden = &mut state.hidden[l];
-            let mut states = vec![0.0; rows * 2 * h];
             for t in 0..n {
-                let b = &bx[t * 2 * h..(t + 1) * 2 * h];
-                let (h_re, h_im) = hidden.split_at_mut(h);
-                for s in 0..h {
-                    let (re, im) = (h_re[s], h_im[s]);
-                    let (lr, li, g) = (layer.lambda_re[s], layer.lambda_im[s], layer.gamma[s]);
-                    h_re[s] = lr * re - li * im + g * b[s];
-                    h_im[s] = lr * im + li * re + g * b[h + s];
-                }
-                if t >= first_row {
-                    states[(t - first_row) * 2 * h..(t - first_row + 1) * 2 * h].copy_from_slice(hidden);
+                let (before, rest) = bx.split_at_mut(t * 2 * h);
+                let prev: &[f32] = if t == 0 { hidden } else { &before[(t - 1) * 2 * h..] };
+                let (prev_re, prev_im) = prev[..2 * h].split_at(h);
+                let (b_re, b_im) = rest[..2 * h].split_at_mut(h);
+                let lanes = b_re.iter_mut().zip(b_im.iter_mut()).zip(prev_re.iter().zip(prev_im));
+                for (((br, bi), (pr, pi)), ((lr, li), g)) in lanes.zip(layer.lambda_re.iter().zip(&layer.lambda_im).zip(&layer.gamma)) {
+                    let (xr, xi) = (*br * g, *bi * g);
+                    *br = lr * pr - li * pi + xr;
+                    *bi = lr * pi + li * pr + xi;
                 }
             }
+            hidden.copy_from_slice(&bx[(n - 1) * 2 * h..]);
+            let states = &bx[first_row * 2 * h..];
 
             // Block output for the needed rows: LN(Re(C h) + x), then the feed-forward network.
             let mut y = vec![0.0; rows * d];
-            linear(&states, rows, &layer.out_weight, &layer.out_bias, d, 2 * h, &mut y);
+            linear(states, rows, &layer.out_weight, &layer.out_bias, d, 2 * h, &mut y);
             for (yv, xv) in y.iter_mut().zip(&x[first_row * d..]) {
                 *yv += xv;
             }
