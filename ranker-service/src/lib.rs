@@ -15,6 +15,7 @@
 //! - [`ranker`]: scoring requests (prompt -> one forward pass -> letter logits), prefix cache.
 
 pub mod config;
+mod cpu_kernels;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
@@ -31,7 +32,7 @@ pub use config::LlamaConfig;
 pub use error::{RankerError, Result};
 pub use gguf::GgufFile;
 pub use kv_cache::KvCache;
-pub use llama::{ForwardOutput, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
+pub use llama::{ForwardOutput, Kernels, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
 pub use lora::{LoraAdapter, LoraPair, Projection};
 pub use prompt::{PromptRenderer, PromptTemplate, RenderedPrompt, TokenizedPrompt};
 pub use ranker::{PreparedRequest, Ranker, RankerModelConfig, ScoreInput, Scores};

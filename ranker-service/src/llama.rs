@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::cpu_kernels;
 use crate::error::{RankerError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKv};
@@ -120,11 +121,24 @@ impl TokenHead {
     }
 }
 
+/// Which implementation of attention, RoPE and SwiGLU a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fused f32 CPU kernels (inference only: no backward). The default on CPU with f32;
+    /// ignored on other devices and dtypes.
+    Fused,
+    /// candle tensor ops: any device and dtype, differentiable (LoRA training).
+    Generic,
+}
+
 /// RoPE tables `(max_seq_len, head_dim / 2)` for HF's half-split rotation.
 #[derive(Debug, Clone)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain f32, for the fused CPU kernels.
+    cos_f32: Vec<f32>,
+    sin_f32: Vec<f32>,
 }
 
 impl Rope {
@@ -147,8 +161,10 @@ impl Rope {
         }
         let shape = (cfg.max_seq_len, half);
         Ok(Self {
-            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+            cos: Tensor::from_slice(&cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_slice(&sin, shape, device)?.to_dtype(dtype)?,
+            cos_f32: cos,
+            sin_f32: sin,
         })
     }
 
@@ -171,12 +187,19 @@ pub struct Llama {
     rope: Rope,
     device: Device,
     dtype: DType,
+    kernels: Kernels,
 }
 
 /// Per-forward data shared by all blocks.
 struct Step<'a> {
     batch: usize,
     len: usize,
+    /// Cached positions per row before this batch.
+    cached: usize,
+    /// RoPE position of every input token, row-major `(batch, len)`.
+    positions: Vec<u32>,
+    /// Per row, whether each of the `cached + len` positions is a real token.
+    valid: Vec<Vec<bool>>,
     cos: Tensor,
     sin: Tensor,
     /// Additive mask `(batch, 1, 1, len, cached + len)`: 0 where attention is allowed.
@@ -224,7 +247,18 @@ impl Llama {
             rope,
             device: device.clone(),
             dtype,
+            kernels: Kernels::Fused,
         })
+    }
+
+    /// Chooses the kernels of later forward passes (training must use [`Kernels::Generic`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// True when forward passes run the fused CPU kernels.
+    pub fn uses_fused_kernels(&self) -> bool {
+        self.kernels == Kernels::Fused && self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// The model's hyper-parameters.
@@ -393,6 +427,9 @@ impl Llama {
         let step = Step {
             batch,
             len,
+            cached,
+            positions: pos,
+            valid,
             cos,
             sin,
             mask,
@@ -414,7 +451,10 @@ impl Llama {
             .reshape((batch, rows, self.cfg.hidden_size))?;
         Ok(ForwardOutput {
             hidden,
-            cache: KvCache { layers, valid },
+            cache: KvCache {
+                layers,
+                valid: step.valid,
+            },
         })
     }
 
@@ -445,34 +485,52 @@ impl Llama {
                 qkv = (qkv + d)?;
             }
         }
-        let heads = |offset: usize, n: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(1, offset, n * hd)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &s.cos, &s.sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, &s.cos, &s.sin)?;
-        let v = heads((nh + nkv) * hd, nkv)?;
-        let (k, v) = if past.k.dim(2)? == 0 {
-            (k, v)
+        let fused = self.uses_fused_kernels();
+        let (k, v, attn, tq) = if fused {
+            let (q, k, v) = cpu_kernels::split_qkv_rope(
+                &qkv,
+                (b, t),
+                (nh, nkv, hd),
+                &self.rope.cos_f32,
+                &self.rope.sin_f32,
+                &s.positions,
+            )?;
+            let (k, v) = append_kv(past, k, v)?;
+            let shape = cpu_kernels::AttentionShape {
+                batch: b,
+                len: t,
+                cached: s.cached,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                valid: &s.valid,
+                last_only,
+            };
+            let attn = cpu_kernels::causal_attention(&q, &k, &v, &shape)?;
+            (k, v, attn, if last_only { 1 } else { t })
         } else {
-            (
-                Tensor::cat(&[&past.k, &k], 2)?,
-                Tensor::cat(&[&past.v, &v], 2)?,
-            )
+            let heads = |offset: usize, n: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(1, offset, n * hd)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &s.cos, &s.sin)?;
+            let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, &s.cos, &s.sin)?;
+            let v = heads((nh + nkv) * hd, nkv)?;
+            let (k, v) = append_kv(past, k, v)?;
+            let (q, mask, tq) = if last_only {
+                (
+                    q.narrow(2, t - 1, 1)?.contiguous()?,
+                    s.mask.narrow(3, t - 1, 1)?,
+                    1,
+                )
+            } else {
+                (q, s.mask.clone(), t)
+            };
+            let attn = attention(&q, &k, &v, &mask, nkv, tq, hd)?;
+            (k, v, attn, tq)
         };
-
-        let (q, mask, tq) = if last_only {
-            (
-                q.narrow(2, t - 1, 1)?.contiguous()?,
-                s.mask.narrow(3, t - 1, 1)?,
-                1,
-            )
-        } else {
-            (q, s.mask.clone(), t)
-        };
-        let attn = attention(&q, &k, &v, &mask, nkv, tq, hd)?;
         let x = if last_only {
             x.reshape((b, t, cfg.hidden_size))?.i((.., t - 1, ..))?.contiguous()?
         } else {
@@ -494,7 +552,11 @@ impl Llama {
             }
         }
         let inter = cfg.intermediate_size;
-        let act = (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
+        let act = if fused {
+            cpu_kernels::swiglu(&gu, inter)?
+        } else {
+            (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?
+        };
         let mut down = w.down.forward(&act)?;
         if let Some(d) = lora_delta(s.lora, layer, Projection::DownProj, &act)? {
             down = (down + d)?;
@@ -502,6 +564,14 @@ impl Llama {
         let x = (x + down)?;
         Ok((x, LayerKv { k, v }))
     }
+}
+
+/// Appends this batch's keys and values to the cached ones.
+fn append_kv(past: &LayerKv, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    if past.k.dim(2)? == 0 {
+        return Ok((k, v));
+    }
+    Ok((Tensor::cat(&[&past.k, &k], 2)?, Tensor::cat(&[&past.v, &v], 2)?))
 }
 
 fn lora_delta(
