@@ -13,8 +13,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use ranker_service::sample::movielens_request;
 use ranker_service::{
-    GgufFile, Kernels, Llama, LoadOptions, Positions, PromptRenderer, PromptTemplate, Ranker, ScoreInput,
-    TokenBatch, Tokenizer,
+    GgufFile, Kernels, Llama, LoadOptions, Positions, PromptRenderer, PromptTemplate, Ranker,
+    ScoreInput, TokenBatch, Tokenizer,
 };
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -90,16 +90,26 @@ fn main() {
     let mut generic = model.clone();
     generic.set_kernels(Kernels::Generic);
     let prefill_generic_s = time(iters, || {
-        generic.forward(&batch, None, None, Positions::Last).unwrap();
+        generic
+            .forward(&batch, None, None, Positions::Last)
+            .unwrap();
     });
     let cold = ranker
-        .score_batch(&[ScoreInput { request: &req, history_cache: None, want_history_cache: true }])
+        .score_batch(&[ScoreInput {
+            request: &req,
+            history_cache: None,
+            want_history_cache: true,
+        }])
         .unwrap()
         .remove(0);
     let history_cache = cold.history_cache.unwrap();
     let cold_s = time(iters, || {
         ranker
-            .score_batch(&[ScoreInput { request: &req, history_cache: None, want_history_cache: false }])
+            .score_batch(&[ScoreInput {
+                request: &req,
+                history_cache: None,
+                want_history_cache: false,
+            }])
             .unwrap();
     });
     let warm_s = time(iters, || {
@@ -120,7 +130,10 @@ fn main() {
         let mut f = std::fs::File::open(&path).unwrap();
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         let mut r = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         time(iters, || {
             r.clear_kv_cache();
             r.forward(&input, 0).unwrap();

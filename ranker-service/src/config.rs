@@ -113,8 +113,8 @@ impl LlamaConfig {
     fn validate(&self) -> Result<()> {
         if self.num_heads == 0
             || self.num_kv_heads == 0
-            || self.num_heads % self.num_kv_heads != 0
-            || self.head_dim % 2 != 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+            || !self.head_dim.is_multiple_of(2)
         {
             return Err(RankerError::InvalidModel(format!(
                 "inconsistent attention shape: {} heads, {} kv heads, head dim {}",

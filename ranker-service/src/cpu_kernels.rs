@@ -89,7 +89,10 @@ fn max_of(xs: &[f32]) -> f32 {
             acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
         }
     }
-    rest.iter().chain(&acc).copied().fold(f32::NEG_INFINITY, f32::max)
+    rest.iter()
+        .chain(&acc)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Sum with 8 independent lanes so the loop vectorizes.
@@ -168,7 +171,9 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         .ok_or_else(|| RankerError::InvalidModel("fused kernel: non-contiguous input".into()))?;
     match &*storage {
         Storage::Cpu(CpuStorage::F32(data)) => Ok(f(&data[start..end])),
-        _ => Err(RankerError::InvalidModel("fused kernel: expected f32 on CPU".into())),
+        _ => Err(RankerError::InvalidModel(
+            "fused kernel: expected f32 on CPU".into(),
+        )),
     }
 }
 
@@ -178,6 +183,13 @@ struct SharedMut(*mut f32);
 // SAFETY: every task writes a region no other task touches (see the callers).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method (not field access) so closures capture the `Send` wrapper, not the raw pointer.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Splits the fused QKV projection output `(b * t, (nh + 2 nkv) * d)` into RoPE-rotated
 /// queries `(b * t, nh * d)` (the row layout attention writes its output in), and keys and
@@ -191,7 +203,9 @@ pub(crate) fn split_qkv_rope(
     sin: &[f32],
     positions: &[u32],
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    with_f32(qkv, |src| split_qkv_rope_slices(src, (b, t), (nh, nkv, hd), cos, sin, positions))?
+    with_f32(qkv, |src| {
+        split_qkv_rope_slices(src, (b, t), (nh, nkv, hd), cos, sin, positions)
+    })?
 }
 
 fn split_qkv_rope_slices(
@@ -214,12 +228,14 @@ fn split_qkv_rope_slices(
         }
     };
     let mut q = vec![0f32; b * t * nh * hd];
-    q.par_chunks_mut(nh * hd).enumerate().for_each(|(row, out)| {
-        let x = &src[row * width..][..nh * hd];
-        for h in 0..nh {
-            rotate(&x[h * hd..][..hd], &mut out[h * hd..][..hd], positions[row]);
-        }
-    });
+    q.par_chunks_mut(nh * hd)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let x = &src[row * width..][..nh * hd];
+            for h in 0..nh {
+                rotate(&x[h * hd..][..hd], &mut out[h * hd..][..hd], positions[row]);
+            }
+        });
     let mut k = vec![0f32; b * nkv * t * hd];
     let mut v = vec![0f32; b * nkv * t * hd];
     for bi in 0..b {
@@ -228,7 +244,11 @@ fn split_qkv_rope_slices(
             let x = &src[row * width..][..width];
             for j in 0..nkv {
                 let dst = ((bi * nkv + j) * t + ti) * hd;
-                rotate(&x[(nh + j) * hd..][..hd], &mut k[dst..dst + hd], positions[row]);
+                rotate(
+                    &x[(nh + j) * hd..][..hd],
+                    &mut k[dst..dst + hd],
+                    positions[row],
+                );
                 v[dst..dst + hd].copy_from_slice(&x[(nh + nkv + j) * hd..][..hd]);
             }
         }
@@ -260,8 +280,15 @@ pub(crate) struct AttentionShape<'a> {
 /// Causal grouped-query attention. `q` is `(b * len, nh * d)`, `k`/`v` are
 /// `(b, nkv, cached + len, d)`; returns `(b * rows, nh * d)` with `rows` = `len` (or 1 with
 /// `last_only`), ready for the output projection.
-pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttentionShape) -> Result<Tensor> {
-    with_f32(q, |q| with_f32(k, |k| with_f32(v, |v| attention_slices(q, k, v, s))))???
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: &AttentionShape,
+) -> Result<Tensor> {
+    with_f32(q, |q| {
+        with_f32(k, |k| with_f32(v, |v| attention_slices(q, k, v, s)))
+    })???
 }
 
 fn attention_slices(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Result<Tensor> {
@@ -269,7 +296,9 @@ fn attention_slices(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Resu
     let tk = p + t;
     let group = nh / nkv;
     if q.len() != b * t * nh * hd || k.len() != b * nkv * tk * hd || v.len() != k.len() {
-        return Err(RankerError::InvalidModel("attention: inconsistent shapes".into()));
+        return Err(RankerError::InvalidModel(
+            "attention: inconsistent shapes".into(),
+        ));
     }
     let first_query = if s.last_only { t - 1 } else { 0 };
     let rows = t - first_query;
@@ -284,7 +313,6 @@ fn attention_slices(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Resu
         static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
     (0..b * nh * blocks).into_par_iter().for_each(|task| {
-        let out_ptr = out_ptr;
         let (bi, rest) = (task / (nh * blocks), task % (nh * blocks));
         let (h, blk) = (rest / blocks, rest % blocks);
         let j = h / group;
@@ -305,22 +333,50 @@ fn attention_slices(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Resu
             // task alone writes rows start..end, columns h*hd..(h+1)*hd of `out`.
             unsafe {
                 gemm(
-                    n, kv_end, hd,
-                    scores.as_mut_ptr(), 1, kv_end as isize, false,
-                    q_blk.as_ptr(), 1, row_stride as isize,
-                    k_head.as_ptr(), hd as isize, 1,
-                    0.0, scale, false, false, false, Parallelism::None,
+                    n,
+                    kv_end,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    kv_end as isize,
+                    false,
+                    q_blk.as_ptr(),
+                    1,
+                    row_stride as isize,
+                    k_head.as_ptr(),
+                    hd as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
                 );
             }
             let valid = (!all_valid[bi]).then(|| &s.valid[bi][..]);
             softmax_block_best(&mut scores, kv_end, p + start, valid);
             unsafe {
                 gemm(
-                    n, hd, kv_end,
-                    out_ptr.0.add(out_row0), 1, row_stride as isize, false,
-                    scores.as_ptr(), 1, kv_end as isize,
-                    v_head.as_ptr(), 1, hd as isize,
-                    0.0, 1.0, false, false, false, Parallelism::None,
+                    n,
+                    hd,
+                    kv_end,
+                    out_ptr.ptr().add(out_row0),
+                    1,
+                    row_stride as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    kv_end as isize,
+                    v_head.as_ptr(),
+                    1,
+                    hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
                 );
             }
         });

@@ -61,8 +61,9 @@ impl GgufFile {
 
     /// A required integer metadata value (any integer width).
     pub fn get_usize(&self, key: &str) -> Result<usize> {
-        value_to_usize(self.required(key)?)
-            .ok_or_else(|| RankerError::InvalidModel(format!("GGUF metadata {key} is not an integer")))
+        value_to_usize(self.required(key)?).ok_or_else(|| {
+            RankerError::InvalidModel(format!("GGUF metadata {key} is not an integer"))
+        })
     }
 
     /// An optional integer metadata value.
@@ -83,7 +84,9 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.required(key)? {
             Value::String(s) => Ok(s),
-            _ => Err(RankerError::InvalidModel(format!("GGUF metadata {key} is not a string"))),
+            _ => Err(RankerError::InvalidModel(format!(
+                "GGUF metadata {key} is not a string"
+            ))),
         }
     }
 
@@ -94,10 +97,14 @@ impl GgufFile {
                 .iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.as_str()),
-                    _ => Err(RankerError::InvalidModel(format!("GGUF {key}: non-string element"))),
+                    _ => Err(RankerError::InvalidModel(format!(
+                        "GGUF {key}: non-string element"
+                    ))),
                 })
                 .collect(),
-            _ => Err(RankerError::InvalidModel(format!("GGUF metadata {key} is not an array"))),
+            _ => Err(RankerError::InvalidModel(format!(
+                "GGUF metadata {key} is not an array"
+            ))),
         }
     }
 

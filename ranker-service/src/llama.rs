@@ -49,7 +49,9 @@ impl TokenBatch {
     pub fn left_padded<S: AsRef<[u32]>>(seqs: &[S], device: &Device) -> Result<Self> {
         let len = seqs.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
         if seqs.is_empty() || seqs.iter().any(|s| s.as_ref().is_empty()) {
-            return Err(RankerError::InvalidModel("empty token sequence in batch".into()));
+            return Err(RankerError::InvalidModel(
+                "empty token sequence in batch".into(),
+            ));
         }
         let mut ids = Vec::with_capacity(seqs.len() * len);
         let mut valid = Vec::with_capacity(seqs.len());
@@ -127,8 +129,10 @@ pub enum Kernels {
     /// Fused f32 CPU kernels (inference only: no backward). The default on CPU with f32;
     /// ignored on other devices and dtypes.
     Fused,
-    /// candle tensor ops: any device and dtype, differentiable (LoRA training).
+    /// candle's fused tensor ops (RMSNorm, RoPE, softmax): any device and dtype, no backward.
     Generic,
+    /// Only elementary candle ops, so gradients flow everywhere (LoRA training).
+    Differentiable,
 }
 
 /// RoPE tables `(max_seq_len, head_dim / 2)` for HF's half-split rotation.
@@ -172,8 +176,14 @@ impl Rope {
     fn gather(&self, positions: &[u32], batch: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let idx = Tensor::from_slice(positions, positions.len(), self.cos.device())?;
         let half = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&idx, 0)?.reshape((batch, len, half))?;
-        let sin = self.sin.index_select(&idx, 0)?.reshape((batch, len, half))?;
+        let cos = self
+            .cos
+            .index_select(&idx, 0)?
+            .reshape((batch, len, half))?;
+        let sin = self
+            .sin
+            .index_select(&idx, 0)?
+            .reshape((batch, len, half))?;
         Ok((cos, sin))
     }
 }
@@ -251,7 +261,8 @@ impl Llama {
         })
     }
 
-    /// Chooses the kernels of later forward passes (training must use [`Kernels::Generic`]).
+    /// Chooses the kernels of later forward passes (training must use
+    /// [`Kernels::Differentiable`]).
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
     }
@@ -301,7 +312,9 @@ impl Llama {
     /// An output head computing only the logits of `ids`.
     pub fn token_head(&self, ids: &[u32]) -> Result<TokenHead> {
         if let Some(bad) = ids.iter().find(|id| **id as usize >= self.cfg.vocab_size) {
-            return Err(RankerError::InvalidModel(format!("token id {bad} out of vocab")));
+            return Err(RankerError::InvalidModel(format!(
+                "token id {bad} out of vocab"
+            )));
         }
         let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let rows = self.weights.lm_head.index_select(&idx, 0)?;
@@ -447,8 +460,11 @@ impl Llama {
             layers.push(kv);
         }
         let rows = x.dim(0)? / batch;
-        let hidden = candle_nn::ops::rms_norm(&x, &self.weights.final_norm, self.eps())?
-            .reshape((batch, rows, self.cfg.hidden_size))?;
+        let hidden = self.rms_norm(&x, &self.weights.final_norm)?.reshape((
+            batch,
+            rows,
+            self.cfg.hidden_size,
+        ))?;
         Ok(ForwardOutput {
             hidden,
             cache: KvCache {
@@ -460,6 +476,14 @@ impl Llama {
 
     fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps as f32
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kernels == Kernels::Differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, self.eps())
+        } else {
+            candle_nn::ops::rms_norm(x, w, self.eps())
+        }
     }
 
     /// One decoder block on `x` of shape `(batch * len, hidden)`. With `last_only`, returns
@@ -477,7 +501,7 @@ impl Llama {
         let (b, t, hd) = (s.batch, s.len, cfg.head_dim);
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
 
-        let h = candle_nn::ops::rms_norm(x, &w.attn_norm, self.eps())?;
+        let h = self.rms_norm(x, &w.attn_norm)?;
         let mut qkv = w.qkv.forward(&h)?;
         if let Some(lora) = s.lora {
             let parts = [Projection::QProj, Projection::KProj, Projection::VProj];
@@ -515,8 +539,16 @@ impl Llama {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, &s.cos, &s.sin)?;
-            let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, &s.cos, &s.sin)?;
+            let differentiable = self.kernels == Kernels::Differentiable;
+            let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
+                if differentiable {
+                    rope_differentiable(x, &s.cos, &s.sin)
+                } else {
+                    candle_nn::rotary_emb::rope(x, &s.cos, &s.sin)
+                }
+            };
+            let q = rope(&heads(0, nh)?)?;
+            let k = rope(&heads(nh * hd, nkv)?)?;
             let v = heads((nh + nkv) * hd, nkv)?;
             let (k, v) = append_kv(past, k, v)?;
             let (q, mask, tq) = if last_only {
@@ -528,11 +560,13 @@ impl Llama {
             } else {
                 (q, s.mask.clone(), t)
             };
-            let attn = attention(&q, &k, &v, &mask, nkv, tq, hd)?;
+            let attn = attention(&q, &k, &v, &mask, nkv, tq, hd, differentiable)?;
             (k, v, attn, tq)
         };
         let x = if last_only {
-            x.reshape((b, t, cfg.hidden_size))?.i((.., t - 1, ..))?.contiguous()?
+            x.reshape((b, t, cfg.hidden_size))?
+                .i((.., t - 1, ..))?
+                .contiguous()?
         } else {
             x.clone()
         };
@@ -543,7 +577,7 @@ impl Llama {
         }
         let x = (x + o)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &w.ffn_norm, self.eps())?;
+        let h = self.rms_norm(&x, &w.ffn_norm)?;
         let mut gu = w.gate_up.forward(&h)?;
         if let Some(lora) = s.lora {
             let parts = [Projection::GateProj, Projection::UpProj];
@@ -566,12 +600,28 @@ impl Llama {
     }
 }
 
+/// HF's half-split RoPE from elementary ops (candle's fused `rope` has no backward). `x` is
+/// `(b, h, t, d)`, `cos`/`sin` are `(b, t, d / 2)`.
+fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(3)? / 2;
+    let cos = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
+    let rotated = Tensor::cat(
+        &[&x.narrow(3, half, half)?.neg()?, &x.narrow(3, 0, half)?],
+        3,
+    )?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
 /// Appends this batch's keys and values to the cached ones.
 fn append_kv(past: &LayerKv, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
     if past.k.dim(2)? == 0 {
         return Ok((k, v));
     }
-    Ok((Tensor::cat(&[&past.k, &k], 2)?, Tensor::cat(&[&past.v, &v], 2)?))
+    Ok((
+        Tensor::cat(&[&past.k, &k], 2)?,
+        Tensor::cat(&[&past.v, &v], 2)?,
+    ))
 }
 
 fn lora_delta(
@@ -591,6 +641,7 @@ fn lora_delta(
 ///
 /// The query heads that share a key/value head are stacked along the row axis, so each group
 /// is one matmul against its K/V without materializing repeated K/V tensors.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -599,6 +650,7 @@ fn attention(
     nkv: usize,
     tq: usize,
     hd: usize,
+    differentiable: bool,
 ) -> candle_core::Result<Tensor> {
     let (b, nh, _, _) = q.dims4()?;
     let group = nh / nkv;
@@ -607,7 +659,12 @@ fn attention(
     let q = (q.reshape((b, nkv, group * tq, hd))? * scale)?;
     let scores = q.matmul(&k.t()?)?.reshape((b, nkv, group, tq, tk))?;
     let scores = scores.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, group * tq, tk))?;
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.reshape((b, nkv, group * tq, tk))?;
     let out = probs.matmul(v)?; // (b, nkv, group * tq, d)
     out.reshape((b, nh, tq, hd))?
         .transpose(1, 2)?

@@ -99,7 +99,9 @@ impl PromptTemplate {
             if text.contains(ph) {
                 Ok(())
             } else {
-                Err(RankerError::InvalidTemplate(format!("{field} must contain {ph}")))
+                Err(RankerError::InvalidTemplate(format!(
+                    "{field} must contain {ph}"
+                )))
             }
         };
         need("history", &self.history, "{history}")?;
@@ -108,10 +110,14 @@ impl PromptTemplate {
         need("candidate_item", &self.candidate_item, "{title}")?;
         need("candidate_item", &self.candidate_item, "{letter}")?;
         if self.letters.is_empty() || self.letters.iter().any(String::is_empty) {
-            return Err(RankerError::InvalidTemplate("letters must be non-empty".into()));
+            return Err(RankerError::InvalidTemplate(
+                "letters must be non-empty".into(),
+            ));
         }
         if self.max_title_tokens == 0 {
-            return Err(RankerError::InvalidTemplate("max_title_tokens must be > 0".into()));
+            return Err(RankerError::InvalidTemplate(
+                "max_title_tokens must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -179,7 +185,9 @@ impl PromptRenderer {
     /// Validates the template and tokenizes its fixed prefix.
     pub fn new(template: PromptTemplate, tokenizer: Tokenizer) -> Result<Self> {
         template.validate()?;
-        let prefix_text = template.prefix.replace("{instruction}", &template.instruction);
+        let prefix_text = template
+            .prefix
+            .replace("{instruction}", &template.instruction);
         let prefix_ids = tokenizer.encode(&prefix_text)?;
         Ok(Self {
             template,
@@ -213,7 +221,9 @@ impl PromptRenderer {
         if ids.len() <= self.template.max_title_tokens {
             return Ok(title.to_string());
         }
-        let cut = self.tokenizer.decode(&ids[..self.template.max_title_tokens])?;
+        let cut = self
+            .tokenizer
+            .decode(&ids[..self.template.max_title_tokens])?;
         Ok(cut.trim_end_matches('\u{FFFD}').trim_end().to_string())
     }
 
@@ -265,9 +275,10 @@ impl PromptRenderer {
             history: t
                 .history
                 .replace("{history}", &history_items.join(&t.history_separator)),
-            candidates: t
-                .candidates
-                .replace("{candidates}", &candidate_items.join(&t.candidate_separator)),
+            candidates: t.candidates.replace(
+                "{candidates}",
+                &candidate_items.join(&t.candidate_separator),
+            ),
         })
     }
 
@@ -302,10 +313,14 @@ impl PromptRenderer {
     /// The training text of a prompt whose answer is candidate `answer`: the prompt followed
     /// directly by the answer's letter.
     pub fn training_text(&self, prompt: &RenderedPrompt, answer: usize) -> Result<String> {
-        let letter = self.template.letters.get(answer).ok_or(RankerError::TooManyCandidates {
-            given: answer + 1,
-            max: self.template.letters.len(),
-        })?;
+        let letter = self
+            .template
+            .letters
+            .get(answer)
+            .ok_or(RankerError::TooManyCandidates {
+                given: answer + 1,
+                max: self.template.letters.len(),
+            })?;
         Ok(prompt.text() + letter)
     }
 }

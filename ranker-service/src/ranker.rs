@@ -172,14 +172,18 @@ impl Ranker {
                 (false, _) => (&empty, &p.ids[..]),
             };
             if cache.batch_size() != 1 {
-                return Err(RankerError::InvalidModel("history cache must have one row".into()));
+                return Err(RankerError::InvalidModel(
+                    "history cache must have one row".into(),
+                ));
             }
             starts.push(cache);
             suffixes.push(ids);
         }
         let cache = KvCache::stack(&starts)?;
         let batch = TokenBatch::left_padded(&suffixes, self.model.device())?;
-        let out = self.model.forward(&batch, Some(&cache), None, Positions::Last)?;
+        let out = self
+            .model
+            .forward(&batch, Some(&cache), None, Positions::Last)?;
         let logits: Vec<Vec<f32>> = self
             .head
             .logits(&out.last_hidden()?)?

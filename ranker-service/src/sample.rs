@@ -47,5 +47,8 @@ pub const MOVIELENS_TITLES: [&str; 40] = [
 
 /// The benchmark request: 20 history titles and 20 candidate titles.
 pub fn movielens_request() -> (Vec<&'static str>, Vec<&'static str>) {
-    (MOVIELENS_TITLES[..20].to_vec(), MOVIELENS_TITLES[20..].to_vec())
+    (
+        MOVIELENS_TITLES[..20].to_vec(),
+        MOVIELENS_TITLES[20..].to_vec(),
+    )
 }

@@ -146,7 +146,15 @@ pub enum WeightSource {
 }
 
 /// The canonical projections of a decoder block, named as in HF checkpoints.
-const PROJ_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const PROJ_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 trait TensorReader {
     /// Reads a tensor by its HF name ("model.layers.3.self_attn.q_proj.weight").
@@ -252,7 +260,9 @@ fn concat_rows_quantized(parts: &[&QTensor]) -> Result<QTensor> {
     for p in parts {
         let (r, c) = p.shape().dims2()?;
         if c != cols || p.dtype() != dtype {
-            return Err(RankerError::InvalidModel("cannot fuse mismatched quantized weights".into()));
+            return Err(RankerError::InvalidModel(
+                "cannot fuse mismatched quantized weights".into(),
+            ));
         }
         rows += r;
         out.extend_from_slice(&p.data()?);
@@ -270,7 +280,9 @@ impl TensorReader for SafetensorsReader {
         self.tensors
             .remove(hf_name)
             .map(RawWeight::Dense)
-            .ok_or_else(|| RankerError::InvalidModel(format!("safetensors: tensor {hf_name} missing")))
+            .ok_or_else(|| {
+                RankerError::InvalidModel(format!("safetensors: tensor {hf_name} missing"))
+            })
     }
 
     fn has(&self, hf_name: &str) -> bool {
@@ -285,8 +297,8 @@ fn build_linear(
     device: &Device,
     dtype: DType,
 ) -> Result<Linear> {
-    let keep_quantized = precision == WeightPrecision::Quantized
-        && parts.iter().all(RawWeight::is_block_quantized);
+    let keep_quantized =
+        precision == WeightPrecision::Quantized && parts.iter().all(RawWeight::is_block_quantized);
     if !keep_quantized {
         let ws = parts
             .iter()
@@ -336,7 +348,11 @@ fn load_weights(
         }
         Ok(())
     };
-    expect("embed_tokens", embed.dims(), &[cfg.vocab_size, cfg.hidden_size])?;
+    expect(
+        "embed_tokens",
+        embed.dims(),
+        &[cfg.vocab_size, cfg.hidden_size],
+    )?;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -461,8 +477,14 @@ mod tests {
 
     #[test]
     fn gguf_names() {
-        assert_eq!(gguf_name("model.layers.12.self_attn.k_proj.weight"), "blk.12.attn_k.weight");
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight"), "blk.0.ffn_down.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.k_proj.weight"),
+            "blk.12.attn_k.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight"),
+            "blk.0.ffn_down.weight"
+        );
         assert_eq!(gguf_name("model.norm.weight"), "output_norm.weight");
     }
 }

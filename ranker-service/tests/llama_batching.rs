@@ -34,7 +34,11 @@ fn left_padded_batch_matches_single_runs() {
     for (seq, got) in seqs.iter().zip(&batched) {
         let want = single(model, seq);
         let diff = max_abs_diff(got, &want);
-        assert!(diff <= 1e-3, "len {}: batched vs single diff {diff}", seq.len());
+        assert!(
+            diff <= 1e-3,
+            "len {}: batched vs single diff {diff}",
+            seq.len()
+        );
     }
 }
 
@@ -48,7 +52,13 @@ fn token_head_matches_full_logits() {
         .unwrap()
         .last_hidden()
         .unwrap();
-    let full: Vec<f32> = model.full_logits(&last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let full: Vec<f32> = model
+        .full_logits(&last)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let rows = scores_of(model, &last).remove(0);
     let picked: Vec<f32> = IDS.iter().map(|&i| full[i as usize]).collect();
     assert!(max_abs_diff(&rows, &picked) <= 1e-4);
@@ -76,10 +86,15 @@ fn cached_prefix_matches_full_run() {
     let want = single(model, &full);
 
     let p = TokenBatch::left_padded(&[&prefix], model.device()).unwrap();
-    let cache = model.forward(&p, None, None, Positions::Last).unwrap().cache;
+    let cache = model
+        .forward(&p, None, None, Positions::Last)
+        .unwrap()
+        .cache;
     assert_eq!(cache.len(), 30);
     let s = TokenBatch::left_padded(&[&suffix], model.device()).unwrap();
-    let out = model.forward(&s, Some(&cache), None, Positions::Last).unwrap();
+    let out = model
+        .forward(&s, Some(&cache), None, Positions::Last)
+        .unwrap();
     assert_eq!(out.cache.len(), 42);
     let got = scores_of(model, &out.last_hidden().unwrap()).remove(0);
     let diff = max_abs_diff(&got, &want);
@@ -108,12 +123,17 @@ fn stacked_caches_with_padded_suffixes_match_full_runs() {
         .iter()
         .map(|h| {
             let b = TokenBatch::left_padded(&[h], model.device()).unwrap();
-            model.forward(&b, Some(&shared_cache), None, Positions::Last).unwrap().cache
+            model
+                .forward(&b, Some(&shared_cache), None, Positions::Last)
+                .unwrap()
+                .cache
         })
         .collect();
     let stacked = KvCache::stack(&user_caches.iter().collect::<Vec<_>>()).unwrap();
     let batch = TokenBatch::left_padded(&suffixes, model.device()).unwrap();
-    let out = model.forward(&batch, Some(&stacked), None, Positions::Last).unwrap();
+    let out = model
+        .forward(&batch, Some(&stacked), None, Positions::Last)
+        .unwrap();
     let got = scores_of(model, &out.last_hidden().unwrap());
 
     for i in 0..2 {
@@ -163,6 +183,8 @@ fn context_overflow_is_an_invalid_argument() {
     let n = model.config().max_seq_len + 1;
     let ids = vec![100u32; n];
     let batch = TokenBatch::left_padded(&[&ids], model.device()).unwrap();
-    let err = model.forward(&batch, None, None, Positions::Last).unwrap_err();
+    let err = model
+        .forward(&batch, None, None, Positions::Last)
+        .unwrap_err();
     assert!(err.is_invalid_argument(), "{err}");
 }

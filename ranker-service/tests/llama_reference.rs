@@ -30,7 +30,11 @@ fn f32_reference() -> ModelWeights {
     let tensors: Vec<(String, QTensor)> = names
         .into_iter()
         .map(|n| {
-            let t = ct.tensor(&mut f, &n, &dev).unwrap().dequantize(&dev).unwrap();
+            let t = ct
+                .tensor(&mut f, &n, &dev)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap();
             (n, QTensor::quantize(&t, GgmlDType::F32).unwrap())
         })
         .collect();
@@ -46,7 +50,10 @@ fn f32_reference() -> ModelWeights {
 }
 
 fn reference_last_logits(reference: &mut ModelWeights, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     reference.clear_kv_cache();
     let logits = reference.forward(&input, 0).unwrap();
     logits.squeeze(0).unwrap().to_vec1().unwrap()
@@ -106,10 +113,19 @@ fn quantized_path_matches_quantized_llama() {
             .unwrap()
             .last_hidden()
             .unwrap();
-        let ours: Vec<f32> = head.forward(&hidden).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let ours: Vec<f32> = head
+            .forward(&hidden)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let theirs = reference_last_logits(&mut reference, &ids);
         let diff = max_abs_diff(&ours, &theirs);
         eprintln!("quantized, len {n}: max abs diff {diff:.2e}");
-        assert!(diff <= tolerance, "len {n}: max abs diff {diff} > {tolerance}");
+        assert!(
+            diff <= tolerance,
+            "len {n}: max abs diff {diff} > {tolerance}"
+        );
     }
 }

@@ -17,7 +17,12 @@ fn renderer(template: PromptTemplate) -> PromptRenderer {
 #[test]
 fn alpaca_prompt_is_the_papers_text() {
     let r = renderer(PromptTemplate::alpaca());
-    let p = r.render(&["Toy Story (1995)", "Heat (1995)"], &["Babe (1995)", "Casino (1995)"]).unwrap();
+    let p = r
+        .render(
+            &["Toy Story (1995)", "Heat (1995)"],
+            &["Babe (1995)", "Casino (1995)"],
+        )
+        .unwrap();
     assert_eq!(
         p.text(),
         "### Instruction:\nGiven user history in chronological order, recommend an item from the \
@@ -31,7 +36,11 @@ fn history_keeps_the_last_20_and_titles_are_cut_to_32_tokens() {
     let r = renderer(PromptTemplate::alpaca());
     let history: Vec<String> = (0..25).map(|i| format!("Movie {i} (1990)")).collect();
     let p = r.render(&history, &["X (2000)"]).unwrap();
-    assert!(p.history.starts_with(" (1) Movie 5 (1990) \n (2) Movie 6"), "{}", p.history);
+    assert!(
+        p.history.starts_with(" (1) Movie 5 (1990) \n (2) Movie 6"),
+        "{}",
+        p.history
+    );
     assert!(p.history.contains("(20) Movie 24 (1990);"));
     assert!(!p.history.contains("(21)"));
 
@@ -53,9 +62,24 @@ fn request_errors_are_invalid_arguments() {
         r.render(&["a"], &["b", ""]).unwrap_err(),
     ];
     assert!(matches!(cases[0], RankerError::NoCandidates));
-    assert!(matches!(cases[1], RankerError::TooManyCandidates { given: 21, max: 20 }));
-    assert!(matches!(cases[2], RankerError::EmptyTitle { kind: "history", index: 1 }));
-    assert!(matches!(cases[3], RankerError::EmptyTitle { kind: "candidate", index: 1 }));
+    assert!(matches!(
+        cases[1],
+        RankerError::TooManyCandidates { given: 21, max: 20 }
+    ));
+    assert!(matches!(
+        cases[2],
+        RankerError::EmptyTitle {
+            kind: "history",
+            index: 1
+        }
+    ));
+    assert!(matches!(
+        cases[3],
+        RankerError::EmptyTitle {
+            kind: "candidate",
+            index: 1
+        }
+    ));
     assert!(cases.iter().all(RankerError::is_invalid_argument));
 }
 
@@ -66,8 +90,11 @@ fn parts_tokenize_like_the_whole_prompt() {
         let (history, candidates) = movielens_request();
         // Titles ending in ")" (all MovieLens titles), "!", digits, unicode, and an empty history.
         let odd_history = ["Heat!", "Nine 9", "Amélie (2001)", "臥虎藏龍"];
-        let cases: [(&[&str], &[&str]); 3] =
-            [(&history, &candidates), (&odd_history, &candidates[..3]), (&[], &candidates[..1])];
+        let cases: [(&[&str], &[&str]); 3] = [
+            (&history, &candidates),
+            (&odd_history, &candidates[..3]),
+            (&[], &candidates[..1]),
+        ];
         for (h, c) in cases {
             let p = r.render(h, c).unwrap();
             let t = r.tokenize(&p).unwrap();
@@ -82,7 +109,9 @@ fn parts_tokenize_like_the_whole_prompt() {
 fn benchmark_prompt_has_about_620_tokens() {
     let r = renderer(PromptTemplate::alpaca());
     let (history, candidates) = movielens_request();
-    let t = r.tokenize(&r.render(&history, &candidates).unwrap()).unwrap();
+    let t = r
+        .tokenize(&r.render(&history, &candidates).unwrap())
+        .unwrap();
     eprintln!(
         "prompt {} tokens: prefix {}, history {}, candidates {}",
         t.ids.len(),
@@ -105,10 +134,17 @@ fn verbalizer_scores_the_trained_answer_token() {
         let p = r.render(&history, &candidates).unwrap();
         let prompt_ids = r.tokenize(&p).unwrap().ids;
         for answer in [0, 3, 19] {
-            let train = r.tokenizer().encode(&r.training_text(&p, answer).unwrap()).unwrap();
+            let train = r
+                .tokenizer()
+                .encode(&r.training_text(&p, answer).unwrap())
+                .unwrap();
             assert_eq!(train.len(), prompt_ids.len() + 1);
             assert_eq!(train[..prompt_ids.len()], prompt_ids[..]);
-            assert_eq!(train[prompt_ids.len()], v.token_ids()[answer], "answer {answer}");
+            assert_eq!(
+                train[prompt_ids.len()],
+                v.token_ids()[answer],
+                "answer {answer}"
+            );
         }
     }
 }

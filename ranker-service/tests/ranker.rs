@@ -18,8 +18,16 @@ fn history_cache_and_batching_give_the_same_scores() {
     // Cold: full prompt from the shared prefix, and keep each user's history state.
     let cold = ranker
         .score_batch(&[
-            ScoreInput { request: &req_a, history_cache: None, want_history_cache: true },
-            ScoreInput { request: &req_b, history_cache: None, want_history_cache: true },
+            ScoreInput {
+                request: &req_a,
+                history_cache: None,
+                want_history_cache: true,
+            },
+            ScoreInput {
+                request: &req_b,
+                history_cache: None,
+                want_history_cache: true,
+            },
         ])
         .unwrap();
     assert_eq!(cold[0].logits.len(), 20);

@@ -18,7 +18,8 @@ fn tokenizer() -> &'static Tokenizer {
 }
 
 fn id(tok: &Tokenizer, s: &str) -> u32 {
-    tok.token_to_id(s).unwrap_or_else(|| panic!("{s:?} not in vocab"))
+    tok.token_to_id(s)
+        .unwrap_or_else(|| panic!("{s:?} not in vocab"))
 }
 
 #[test]
@@ -49,7 +50,10 @@ fn control_tokens_are_parsed_as_one_id_without_leading_space() {
     assert_eq!(tok.encode("<|im_start|>").unwrap(), vec![1]);
     assert_eq!(tok.encode("<|im_end|>").unwrap(), vec![2]);
     // candle's GGUF helper would give " user" here.
-    assert_eq!(tok.encode("<|im_start|>user").unwrap(), vec![1, id(tok, "user")]);
+    assert_eq!(
+        tok.encode("<|im_start|>user").unwrap(),
+        vec![1, id(tok, "user")]
+    );
     assert_eq!(
         tok.encode("<|im_start|>assistant\nB<|im_end|>").unwrap(),
         // "assistant" is not in this vocabulary: BPE ends at "ass" + "istant".
@@ -70,7 +74,14 @@ fn digits_are_split_individually() {
     assert_eq!(tok.encode(" 2024").unwrap(), spaced);
     assert_eq!(
         tok.encode("(1995)").unwrap(),
-        vec![id(tok, "("), id(tok, "1"), id(tok, "9"), id(tok, "9"), id(tok, "5"), id(tok, ")")]
+        vec![
+            id(tok, "("),
+            id(tok, "1"),
+            id(tok, "9"),
+            id(tok, "9"),
+            id(tok, "5"),
+            id(tok, ")")
+        ]
     );
 }
 
@@ -83,7 +94,12 @@ fn words_follow_gpt2_pre_tokenization() {
     );
     assert_eq!(
         tok.encode("### Response:\n").unwrap(),
-        vec![id(tok, "###"), id(tok, "ĠResponse"), id(tok, ":"), id(tok, "Ċ")]
+        vec![
+            id(tok, "###"),
+            id(tok, "ĠResponse"),
+            id(tok, ":"),
+            id(tok, "Ċ")
+        ]
     );
 }
 
@@ -115,6 +131,9 @@ fn tokenizer_json_round_trips_through_a_file() {
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     let from_file = Tokenizer::from_file(&path).unwrap();
     let text = "<|im_start|>user\nUser history: (1) Toy Story (1995); \n (A) Heat (1995)";
-    assert_eq!(from_file.encode(text).unwrap(), tokenizer().encode(text).unwrap());
+    assert_eq!(
+        from_file.encode(text).unwrap(),
+        tokenizer().encode(text).unwrap()
+    );
     assert_eq!(from_file.vocab_size(), 49152);
 }

@@ -38,10 +38,14 @@ pub fn model() -> &'static Llama {
 
 /// Deterministic pseudo-random token ids in `[100, 49_000)`.
 pub fn pseudo_random_ids(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             100 + ((s >> 33) % 48_900) as u32
         })
         .collect()
@@ -50,7 +54,10 @@ pub fn pseudo_random_ids(n: usize, seed: u64) -> Vec<u32> {
 /// Largest absolute elementwise difference of two equal-length slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The ranker on the shipped model with the default (Alpaca) template, loaded once.
