@@ -17,6 +17,7 @@
 pub mod config;
 mod cpu_kernels;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
