@@ -3,7 +3,10 @@
 //! requests finish, new connections are refused, and the process gives up after a grace
 //! period).
 
+use crate::config::ConfigLayers;
+use crate::telemetry::{init_tracing, TelemetryConfig};
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::Router;
@@ -101,4 +104,40 @@ pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
+}
+
+/// Command line of every service binary.
+#[derive(clap::Parser)]
+struct ServiceArgs {
+    /// TOML configuration file (else $LLAMAREC_CONFIG, else deploy/local/llamarec.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The whole `main` of a service binary: parses `--config`, loads the layers, sets up tracing,
+/// runs `serve` on a multi-threaded runtime and turns an error into a message and exit code 1.
+pub fn service_main<Fut>(name: &str, serve: impl FnOnce(ConfigLayers) -> Fut) -> std::process::ExitCode
+where
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let args = <ServiceArgs as clap::Parser>::parse();
+    let result = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|runtime| {
+        runtime.block_on(async {
+            let layers = ConfigLayers::discover(args.config.as_deref())?;
+            init_tracing(&layers.section::<TelemetryConfig>()?);
+            serve(layers).await
+        })
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds `listen`, naming the address when that fails.
+pub async fn bind(listen: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))
 }

@@ -46,7 +46,14 @@ fn seed_histories(dataset: &Dataset) -> Vec<(String, Vec<StoredEvent>)> {
         .collect()
 }
 
-/// Loads everything, binds `listener` and serves until `shutdown` resolves.
+/// Binds the configured address and serves until SIGTERM or Ctrl-C (the binary and
+/// `llamarec serve gateway`).
+pub async fn serve(layers: &ConfigLayers) -> anyhow::Result<()> {
+    let listener = serving::bind(layers.section::<GatewayConfig>()?.listen).await?;
+    run(layers, listener, serving::shutdown_signal()).await
+}
+
+/// Loads everything and serves on `listener` until `shutdown` resolves.
 pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let config = Arc::new(layers.section::<GatewayConfig>()?);
     let assets = layers.section::<AssetsConfig>()?;
