@@ -71,14 +71,28 @@ impl Batch {
     /// Builds a batch from windows: inputs are all items but the last, targets all but the first.
     /// The batch is as long as its longest window, padded on the left so that every row ends at
     /// the same column (the recurrence then sees padding only before the first event).
-    pub fn new(windows: &[&[u32]], device: &Device) -> candle_core::Result<Self> {
-        let len = windows.iter().map(|w| w.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+    ///
+    /// With `first_item_target`, a window no longer than `max_len` (so a whole training sequence)
+    /// also predicts its first item from the empty history at the padding column before it, as
+    /// the reference code's label alignment does.
+    pub fn new(windows: &[&[u32]], max_len: usize, first_item_target: bool, device: &Device) -> candle_core::Result<Self> {
+        let predicts_first = |w: &[u32]| first_item_target && !w.is_empty() && w.len() <= max_len;
+        let len = windows
+            .iter()
+            .map(|w| w.len().saturating_sub(1) + usize::from(predicts_first(w)))
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut tokens = vec![0u32; windows.len() * len];
         let mut positions = Vec::new();
         let mut targets = Vec::new();
         for (row, window) in windows.iter().enumerate() {
             let pairs = window.len().saturating_sub(1);
             let offset = row * len + len - pairs;
+            if predicts_first(window) {
+                positions.push((offset - 1) as u32);
+                targets.push(window[0]);
+            }
             for t in 0..pairs {
                 tokens[offset + t] = window[t];
                 positions.push((offset + t) as u32);
@@ -138,10 +152,22 @@ mod tests {
 
     #[test]
     fn batch_left_pads_and_lists_only_real_targets() {
-        let batch = Batch::new(&[&[1, 2, 3, 4], &[7, 8]], &Device::Cpu).unwrap();
+        let batch = Batch::new(&[&[1, 2, 3, 4], &[7, 8]], 200, false, &Device::Cpu).unwrap();
         assert_eq!(batch.tokens.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3], vec![0, 0, 7]]);
         assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![0, 1, 2, 5]);
         assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![2, 3, 4, 8]);
         assert_eq!(batch.num_targets, 4);
+    }
+
+    #[test]
+    fn whole_sequences_also_predict_their_first_item_from_empty_history() {
+        // max_len 3: [1, 2, 3, 4] is a cut window (4 items), [7, 8] a whole sequence.
+        let batch = Batch::new(&[&[1, 2, 3, 4], &[7, 8]], 3, true, &Device::Cpu).unwrap();
+        assert_eq!(batch.tokens.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3], vec![0, 0, 7]]);
+        assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![0, 1, 2, 4, 5]);
+        assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![2, 3, 4, 7, 8]);
+        let whole = Batch::new(&[&[5, 6, 7]], 3, true, &Device::Cpu).unwrap();
+        assert_eq!(whole.tokens.to_vec2::<u32>().unwrap(), vec![vec![0, 5, 6]]);
+        assert_eq!(whole.targets.to_vec1::<u32>().unwrap(), vec![5, 6, 7]);
     }
 }

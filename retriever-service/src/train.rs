@@ -46,6 +46,8 @@ pub struct TrainConfig {
     /// Stride of the sliding windows over histories longer than `model.max_len`
     /// (None: `model.max_len`, non-overlapping).
     pub sliding_step: Option<usize>,
+    /// Also train each whole sequence's first item as a prediction from the empty history.
+    pub first_item_target: bool,
     /// Threads for validation and test scoring.
     pub eval_threads: usize,
     /// Stop (keeping the best checkpoint) once this much wall time has been spent.
@@ -67,6 +69,7 @@ impl Default for TrainConfig {
             grad_clip: Some(5.0),
             seed: 42,
             sliding_step: None,
+            first_item_target: true,
             eval_threads: 2,
             time_limit_s: None,
             resume: true,
@@ -200,7 +203,10 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         interactions: stats.interactions,
         max_sequence_length: stats.max_sequence_length,
         training_windows: windows.len(),
-        training_targets: windows.iter().map(|w| w.len() - 1).sum(),
+        training_targets: windows
+            .iter()
+            .map(|w| w.len() - 1 + usize::from(config.first_item_target && w.len() <= config.model.max_len))
+            .sum(),
     };
     let validation_cases = split_cases(dataset, Split::Validation);
     let test_cases = split_cases(dataset, Split::Test);
@@ -247,7 +253,7 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         let (mut loss_sum, mut targets_seen) = (0.0f64, 0usize);
         for chunk in &batches {
             let batch_windows: Vec<&[u32]> = chunk.iter().map(|&i| windows[i]).collect();
-            let batch = Batch::new(&batch_windows, &device)?;
+            let batch = Batch::new(&batch_windows, config.model.max_len, config.first_item_target, &device)?;
             let hidden = model.forward(&batch.tokens, Some(&mut dropout_rng))?;
             let hidden = hidden.flatten_to(1)?.index_select(&batch.positions, 0)?;
             let loss = crate::ops::cross_entropy(&model.scores(&hidden)?, &batch.targets)?;
