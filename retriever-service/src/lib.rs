@@ -5,7 +5,8 @@
 //!   ([`scan`]); [`train::train`] is the loop, writing a [`checkpoint`] directory.
 //! - Serving (plain Rust over contiguous f32): [`encoder::Encoder`] runs the same recurrence step
 //!   by step into a per-user [`state::UserState`]; [`topk`] scores the catalog in blocks with a
-//!   bounded heap; [`retriever::Retriever`] ties them to a checkpoint.
+//!   bounded heap (with an int8 pass and exact re-scoring for large catalogs, [`quantized`]);
+//!   [`retriever::Retriever`] ties them to a checkpoint.
 
 pub mod batch;
 pub mod catalog;
@@ -24,6 +25,7 @@ pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod quantized;
 pub mod retriever;
 pub mod scan;
 pub mod state;

@@ -4,6 +4,7 @@ use crate::catalog::Catalog;
 use crate::checkpoint::Checkpoint;
 use crate::encoder::Encoder;
 use crate::error::Result;
+use crate::quantized::QuantizedEmbedding;
 use crate::state::UserState;
 use crate::topk::{top_k, Candidate};
 use std::path::Path;
@@ -11,6 +12,13 @@ use std::path::Path;
 /// Catalogs at least this large are scored on several threads; below it, spawning threads
 /// costs more than the scoring.
 const PARALLEL_SCORING_MIN_ITEMS: usize = 100_000;
+
+/// Catalogs at least this large keep an int8 copy of the item embeddings and scan it first
+/// (exact f32 results, a quarter of the memory traffic; see [`crate::quantized`]).
+pub const QUANTIZED_SCORING_MIN_ITEMS: usize = 100_000;
+
+/// Items re-scored in f32 after the int8 scan (at least k).
+const SHORTLIST: usize = 256;
 
 /// Where a candidate list came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +43,7 @@ pub struct Retriever {
     encoder: Encoder,
     catalog: Catalog,
     scoring_threads: usize,
+    quantized: Option<QuantizedEmbedding>,
 }
 
 impl Retriever {
@@ -52,7 +61,15 @@ impl Retriever {
         } else {
             1
         };
-        Self { encoder, catalog, scoring_threads }
+        let quantized = (catalog.num_items() >= QUANTIZED_SCORING_MIN_ITEMS)
+            .then(|| QuantizedEmbedding::new(encoder.embedding(), encoder.config().embed_dim));
+        Self { encoder, catalog, scoring_threads, quantized }
+    }
+
+    /// Turns the int8 first pass on or off, whatever the catalog size (results are the same).
+    pub fn with_quantized_scoring(mut self, enabled: bool) -> Self {
+        self.quantized = enabled.then(|| QuantizedEmbedding::new(self.encoder.embedding(), self.encoder.config().embed_dim));
+        self
     }
 
     /// Overrides the number of threads used to score the catalog.
@@ -98,8 +115,11 @@ impl Retriever {
                 .collect();
             return Retrieval { candidates, source: CandidateSource::Popularity };
         }
-        let candidates =
-            top_k(&state.output, self.encoder.embedding(), self.encoder.output_bias(), k, excluded, self.scoring_threads);
+        let (query, embedding, bias) = (&state.output, self.encoder.embedding(), self.encoder.output_bias());
+        let candidates = match &self.quantized {
+            Some(q) => q.top_k(query, embedding, bias, k, excluded, self.scoring_threads, SHORTLIST),
+            None => top_k(query, embedding, bias, k, excluded, self.scoring_threads),
+        };
         Retrieval { candidates, source: CandidateSource::Model }
     }
 }

@@ -35,17 +35,17 @@ impl PartialOrd for Worst {
 }
 
 /// The k best candidates seen so far.
-struct TopK {
+pub(crate) struct TopK {
     k: usize,
     heap: BinaryHeap<Worst>,
 }
 
 impl TopK {
-    fn new(k: usize) -> Self {
+    pub(crate) fn new(k: usize) -> Self {
         Self { k, heap: BinaryHeap::with_capacity(k + 1) }
     }
 
-    fn offer(&mut self, c: Candidate) {
+    pub(crate) fn offer(&mut self, c: Candidate) {
         if self.heap.len() < self.k {
             self.heap.push(Worst(c));
         } else if let Some(mut worst) = self.heap.peek_mut() {
@@ -56,7 +56,7 @@ impl TopK {
     }
 
     /// Candidates best first.
-    fn into_sorted(self) -> Vec<Candidate> {
+    pub(crate) fn into_sorted(self) -> Vec<Candidate> {
         // Ascending order of `Worst` is best first.
         self.heap.into_sorted_vec().into_iter().map(|w| w.0).collect()
     }
@@ -70,8 +70,23 @@ const BLOCK: usize = 4096;
 /// `excluded` (any order, duplicates allowed). Work is split across up to `threads` threads.
 pub fn top_k(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, excluded: &[u32], threads: usize) -> Vec<Candidate> {
     let dim = query.len();
-    let num_rows = bias.len();
-    assert_eq!(embedding.len(), num_rows * dim, "embedding must hold one row per bias entry");
+    assert_eq!(embedding.len(), bias.len() * dim, "embedding must hold one row per bias entry");
+    top_k_by(bias.len(), k, excluded, threads, &|start, out: &mut [f32]| {
+        let end = start + out.len();
+        scores_into(query, &embedding[start * dim..end * dim], &bias[start..end], out)
+    })
+}
+
+/// The top `k` of `num_rows` rows scored block by block by `score(start, out)` (which fills
+/// `out` with the scores of rows `start..start + out.len()`), with the same exclusions and
+/// tie rule as [`top_k`].
+pub(crate) fn top_k_by(
+    num_rows: usize,
+    k: usize,
+    excluded: &[u32],
+    threads: usize,
+    score: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<Candidate> {
     let mut excluded: Vec<u32> = excluded.iter().copied().filter(|&i| (i as usize) < num_rows).collect();
     excluded.push(0);
     excluded.sort_unstable();
@@ -82,7 +97,7 @@ pub fn top_k(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, excluded:
     let threads = threads.clamp(1, num_rows.div_ceil(BLOCK).max(1));
     let per_thread = num_rows.div_ceil(threads);
     let partials: Vec<Vec<Candidate>> = if threads == 1 {
-        vec![top_k_range(query, embedding, bias, k, &excluded, 0, num_rows)]
+        vec![top_k_range(score, k, &excluded, 0, num_rows)]
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
@@ -90,7 +105,7 @@ pub fn top_k(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, excluded:
                     let start = t * per_thread;
                     let end = ((t + 1) * per_thread).min(num_rows);
                     let excluded = &excluded;
-                    scope.spawn(move || top_k_range(query, embedding, bias, k, excluded, start, end))
+                    scope.spawn(move || top_k_range(score, k, excluded, start, end))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("scoring thread panicked")).collect()
@@ -102,8 +117,7 @@ pub fn top_k(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, excluded:
 }
 
 /// Top-k over rows `start..end`; `excluded` is sorted.
-fn top_k_range(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, excluded: &[u32], start: usize, end: usize) -> Vec<Candidate> {
-    let dim = query.len();
+fn top_k_range(score: &(dyn Fn(usize, &mut [f32]) + Sync), k: usize, excluded: &[u32], start: usize, end: usize) -> Vec<Candidate> {
     let mut top = TopK::new(k);
     let mut scores = vec![0.0f32; BLOCK];
     let mut skip = excluded.partition_point(|&i| (i as usize) < start);
@@ -111,7 +125,7 @@ fn top_k_range(query: &[f32], embedding: &[f32], bias: &[f32], k: usize, exclude
     while block_start < end {
         let len = BLOCK.min(end - block_start);
         let block_scores = &mut scores[..len];
-        scores_into(query, &embedding[block_start * dim..(block_start + len) * dim], &bias[block_start..block_start + len], block_scores);
+        score(block_start, block_scores);
         while skip < excluded.len() && (excluded[skip] as usize) < block_start + len {
             block_scores[excluded[skip] as usize - block_start] = f32::NEG_INFINITY;
             skip += 1;
