@@ -7,6 +7,8 @@
 //!   by step into a per-user [`state::UserState`]; [`topk`] scores the catalog in blocks with a
 //!   bounded heap (with an int8 pass and exact re-scoring for large catalogs, [`quantized`]);
 //!   [`retriever::Retriever`] ties them to a checkpoint.
+//! - Serving over gRPC: [`service`] (the `llamarec.v1.Retriever` handlers), [`server`] (start-up,
+//!   health, drain), configured by the `[retriever]` section ([`service_config`]).
 
 pub mod batch;
 pub mod catalog;
@@ -28,6 +30,9 @@ pub mod params;
 pub mod quantized;
 pub mod retriever;
 pub mod scan;
+pub mod server;
+pub mod service;
+pub mod service_config;
 pub mod state;
 pub mod topk;
 pub mod train;

@@ -1,0 +1,94 @@
+//! Builds the retriever service from configuration and serves it.
+
+use crate::checkpoint::{MODEL_FILE, REPORT_FILE};
+use crate::retriever::Retriever;
+use crate::service::{ModelInfo, RetrieverService};
+use crate::service_config::RetrieverServiceConfig;
+use anyhow::Context;
+use llamarec_common::config::ConfigLayers;
+use llamarec_common::serving;
+use llamarec_proto::v1::retriever_server::RetrieverServer;
+use llamarec_proto::v1::ModelVersion;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+
+/// Shutdown grace period.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Name and content hash (first 12 hex digits of the SHA-256 of `model.safetensors`).
+pub fn model_version(checkpoint: &Path) -> anyhow::Result<ModelVersion> {
+    let path = checkpoint.join(MODEL_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(ModelVersion { name: "lrurec".into(), version: hex::encode(&Sha256::digest(&bytes)[..6]) })
+}
+
+/// The data set named in the checkpoint's `report.json` ("unknown" without one).
+fn dataset_name(checkpoint: &Path) -> String {
+    #[derive(serde::Deserialize)]
+    struct Data {
+        name: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Report {
+        data: Data,
+    }
+    crate::checkpoint::read_json::<Report>(&checkpoint.join(REPORT_FILE)).map_or_else(|_| "unknown".into(), |r| r.data.name)
+}
+
+/// Loads the checkpoint and runs one model retrieval and one popularity retrieval, so the first
+/// request does not pay for cold caches.
+pub fn load_and_warm_up(checkpoint: &Path) -> anyhow::Result<(Retriever, ModelInfo)> {
+    let retriever = Retriever::load(checkpoint).with_context(|| format!("loading the retriever checkpoint {}", checkpoint.display()))?;
+    let info = ModelInfo { version: model_version(checkpoint)?, dataset: dataset_name(checkpoint) };
+    let start = Instant::now();
+    retriever.retrieve(&[1], 20, true).context("warm-up retrieval")?;
+    retriever.retrieve(&[], 20, true).context("warm-up popularity retrieval")?;
+    tracing::info!(warm_up_us = start.elapsed().as_micros() as u64, "retriever warmed up");
+    Ok((retriever, info))
+}
+
+/// Binds the configured address and serves until SIGTERM or Ctrl-C (the binary and `llamarec
+/// serve retriever`).
+pub async fn serve(layers: &ConfigLayers) -> anyhow::Result<()> {
+    let listener = serving::bind(layers.section::<RetrieverServiceConfig>()?.listen).await?;
+    run(layers, listener, serving::shutdown_signal()).await
+}
+
+/// Loads the configured checkpoint, then serves on `listener` until `shutdown` resolves. Health
+/// reports SERVING only once the checkpoint is loaded and warmed up.
+pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    run_with(layers.section::<RetrieverServiceConfig>()?, listener, shutdown).await
+}
+
+/// [`run`] with the section already read (the benchmark adjusts it first).
+pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let (health, health_service) = serving::health();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    let checkpoint = config.checkpoint.clone();
+    let (retriever, info) = tokio::task::spawn_blocking(move || load_and_warm_up(&checkpoint)).await??;
+    if let Some(addr) = config.metrics_listen {
+        llamarec_common::telemetry::install_prometheus(addr).with_context(|| format!("metrics listener on {addr}"))?;
+    }
+    let num_items = retriever.catalog().num_items();
+    let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
+        .add_service(RetrieverServer::new(service));
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_serving::<RetrieverServer<RetrieverService>>().await;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        checkpoint = %config.checkpoint.display(),
+        version = %info.version.version,
+        items = num_items,
+        "retriever serving"
+    );
+    serving::serve_until(router, listener, health, GRACE, shutdown).await?;
+    Ok(())
+}

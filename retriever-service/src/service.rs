@@ -1,0 +1,175 @@
+//! The `llamarec.v1.Retriever` gRPC service: validation, admission, compute on the blocking
+//! pool, and the one mapping from service errors to status codes.
+
+use crate::retriever::{CandidateSource, Retriever};
+use crate::service_config::RetrieverServiceConfig;
+use llamarec_proto::v1::retriever_server;
+use llamarec_proto::v1::{InfoRequest, ModelVersion, RetrieveRequest, RetrieveResponse, RetrievedItem, RetrieverInfo};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status};
+use tracing::instrument;
+
+/// Metadata key of the caller's request id (set by the gateway).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Everything a Retrieve call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; the message names the field and the limit.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Too many requests in flight.
+    #[error("retriever at capacity ({0} requests in flight); retry with backoff")]
+    Overloaded(usize),
+    /// The model failed or the compute task died.
+    #[error("retrieval failed: {0}")]
+    Internal(String),
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// What the service answers Info with, fixed at load time.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Name and content hash of the weights.
+    pub version: ModelVersion,
+    /// Data set the checkpoint was trained on.
+    pub dataset: String,
+}
+
+/// The service's state, shared by all requests.
+pub struct RetrieverService {
+    retriever: Arc<Retriever>,
+    info: ModelInfo,
+    max_k: u32,
+    max_history: u32,
+    max_in_flight: usize,
+    in_flight: Arc<Semaphore>,
+}
+
+impl RetrieverService {
+    /// Wires the service around a loaded retriever.
+    pub fn new(retriever: Arc<Retriever>, info: ModelInfo, config: &RetrieverServiceConfig) -> Self {
+        Self {
+            retriever,
+            info,
+            max_k: config.max_k,
+            max_history: config.max_history,
+            max_in_flight: config.max_in_flight,
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+        }
+    }
+
+    /// Dense indices of `req.history`, after checking k and the history against the limits.
+    fn validate(&self, req: &RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
+        if req.k == 0 {
+            return Err(ServiceError::InvalidArgument("k: must be at least 1".into()));
+        }
+        if req.k > self.max_k {
+            return Err(ServiceError::InvalidArgument(format!("k: {} is above the maximum of {}", req.k, self.max_k)));
+        }
+        if req.history.len() > self.max_history as usize {
+            return Err(ServiceError::InvalidArgument(format!(
+                "history: {} items, at most {} allowed",
+                req.history.len(),
+                self.max_history
+            )));
+        }
+        let catalog = self.retriever.catalog();
+        req.history
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                catalog
+                    .index_of(id)
+                    .ok_or_else(|| ServiceError::InvalidArgument(format!("history[{i}]: unknown item id {id:?}")))
+            })
+            .collect()
+    }
+
+    async fn retrieve_inner(&self, req: RetrieveRequest) -> Result<RetrieveResponse, ServiceError> {
+        let _permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
+        let history = self.validate(&req)?;
+        let retriever = self.retriever.clone();
+        let (k, exclude) = (req.k as usize, req.exclude_history);
+        let (retrieval, compute) = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let retrieval = retriever.retrieve(&history, k, exclude);
+            (retrieval, start.elapsed())
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let retrieval = retrieval.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        metrics::histogram!("llamarec_retriever_compute_duration_seconds").record(compute.as_secs_f64());
+        let catalog = self.retriever.catalog();
+        let items = retrieval
+            .candidates
+            .iter()
+            .map(|c| {
+                let item = catalog.item(c.item).expect("candidates come from the catalog");
+                RetrievedItem { item_id: item.id.clone(), title: item.title.clone(), score: c.score }
+            })
+            .collect();
+        Ok(RetrieveResponse {
+            items,
+            popularity_fallback: retrieval.source == CandidateSource::Popularity,
+            model: Some(self.info.version.clone()),
+            compute_us: compute.as_micros() as u64,
+        })
+    }
+}
+
+fn request_id_of<T>(request: &Request<T>) -> String {
+    request.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+fn record(method: &'static str, start: Instant, status: Code) {
+    metrics::histogram!("llamarec_retriever_request_duration_seconds", "method" => method).record(start.elapsed().as_secs_f64());
+    metrics::counter!("llamarec_retriever_requests_total", "method" => method, "status" => format!("{status:?}")).increment(1);
+}
+
+#[tonic::async_trait]
+impl retriever_server::Retriever for RetrieverService {
+    #[instrument(skip_all, fields(request_id, k, history_len))]
+    async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
+        let start = Instant::now();
+        let request_id = request_id_of(&request);
+        let req = request.into_inner();
+        tracing::Span::current().record("request_id", request_id.as_str()).record("k", req.k).record("history_len", req.history.len());
+        let result = self.retrieve_inner(req).await.map_err(Status::from);
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        record("retrieve", start, code);
+        if let Err(status) = &result {
+            tracing::debug!(code = ?status.code(), message = status.message(), "retrieve rejected");
+        }
+        result.map(Response::new)
+    }
+
+    #[instrument(skip_all, fields(request_id))]
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<RetrieverInfo>, Status> {
+        let start = Instant::now();
+        tracing::Span::current().record("request_id", request_id_of(&request).as_str());
+        let config = self.retriever.encoder().config();
+        let info = RetrieverInfo {
+            model: Some(self.info.version.clone()),
+            num_items: config.num_items as u32,
+            max_k: self.max_k,
+            max_history: self.max_history,
+            embedding_dim: config.embed_dim as u32,
+            dataset: self.info.dataset.clone(),
+        };
+        record("info", start, Code::Ok);
+        Ok(Response::new(info))
+    }
+}

@@ -1,0 +1,86 @@
+//! The `[retriever]` configuration section: where the service listens, which checkpoint it
+//! serves, its request limits, and (in `[retriever.train]`) the recipe `llamarec train
+//! retriever` uses to produce that checkpoint.
+
+use crate::train::TrainConfig;
+use llamarec_common::config::Section;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The `[retriever]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrieverServiceConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (`/metrics`); none disables the exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Checkpoint directory served (and written by `llamarec train retriever`).
+    pub checkpoint: PathBuf,
+    /// Largest `k` a request may ask for.
+    pub max_k: u32,
+    /// Longest history a request may send; the model reads its last `max_len` events.
+    pub max_history: u32,
+    /// Requests computed or queued at once; the next one is refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Training recipe for `llamarec train retriever`.
+    pub train: TrainConfig,
+}
+
+impl Default for RetrieverServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
+            checkpoint: PathBuf::from("retriever-service/checkpoints/ml-100k"),
+            max_k: 200,
+            max_history: 1000,
+            max_in_flight: 64,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl Section for RetrieverServiceConfig {
+    const NAME: &'static str = "retriever";
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, reason: &str| Err((key.to_string(), reason.to_string()));
+        if self.max_k == 0 {
+            return err("max_k", "must be at least 1");
+        }
+        if self.max_history == 0 {
+            return err("max_history", "must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return err("max_in_flight", "must be at least 1");
+        }
+        if self.train.batch_size == 0 {
+            return err("train.batch_size", "must be at least 1");
+        }
+        // `num_items` comes from the data set at training time.
+        let model = crate::config::LruRecConfig { num_items: 1, ..self.train.model.clone() };
+        model.validate().map_err(|e| ("train.model".to_string(), e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llamarec_common::config::ConfigLayers;
+
+    #[test]
+    fn reads_keys_and_environment_overrides_and_names_bad_keys() {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), "[retriever]\nmax_k = 50\ncheckpoint = \"x\"\n[retriever.train]\nmax_epochs = 3\n[retriever.train.model]\ndropout = 0.3\n").unwrap();
+        let env = vec![("LLAMAREC_RETRIEVER__LISTEN".to_string(), "127.0.0.1:6000".to_string())];
+        let c: RetrieverServiceConfig = ConfigLayers::load_with_env(Some(file.path()), Some(env)).unwrap().section().unwrap();
+        assert_eq!((c.max_k, c.checkpoint, c.listen.port()), (50, PathBuf::from("x"), 6000));
+        assert_eq!((c.train.max_epochs, c.train.model.dropout), (3, 0.3));
+
+        std::fs::write(file.path(), "[retriever]\nmax_k = 0\n").unwrap();
+        let e = ConfigLayers::load_with_env(Some(file.path()), Some(vec![])).unwrap().section::<RetrieverServiceConfig>().unwrap_err();
+        assert!(e.to_string().contains("retriever.max_k"), "{e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The real `retriever-service` binary with the shipped ML-100K checkpoint, over gRPC on
+//! loopback: Retrieve for a real history, Info, the popularity fallback, and every
+//! INVALID_ARGUMENT case with the message that names the problem.
+
+use llamarec_proto::v1::retriever_client::RetrieverClient;
+use llamarec_proto::v1::{InfoRequest, RetrieveRequest};
+use llamarec_tests::{binary, free_port, wait_serving, Process};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MAX_K: u32 = 50;
+const MAX_HISTORY: u32 = 300;
+
+/// Items user 1 of MovieLens-100K rated (external ids of the shipped catalog).
+fn user_history() -> Vec<String> {
+    ["1", "50", "181", "258", "100", "127", "174", "7", "98", "56", "172", "121", "117", "222", "234", "25", "268", "237", "204", "69"]
+        .map(String::from)
+        .to_vec()
+}
+
+async fn start() -> (Process, RetrieverClient<Channel>) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("retriever.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[telemetry]\nlog_level = \"warn\"\n\n[retriever]\nlisten = \"{addr}\"\ncheckpoint = \"retriever-service/checkpoints/ml-100k\"\nmax_k = {MAX_K}\nmax_history = {MAX_HISTORY}\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start("retriever-service", &binary("retriever-service"), &["--config", config.to_str().unwrap()], &[]);
+    wait_serving(&addr, Duration::from_secs(30)).await.unwrap();
+    let client = RetrieverClient::connect(format!("http://{addr}")).await.unwrap();
+    (process, client)
+}
+
+fn request(history: Vec<String>, k: u32) -> RetrieveRequest {
+    RetrieveRequest { history, k, exclude_history: true }
+}
+
+#[tokio::test]
+async fn retrieves_for_real_histories_and_rejects_bad_requests_by_name() {
+    let (_process, mut client) = start().await;
+
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    let model = info.model.clone().unwrap();
+    assert_eq!(model.name, "lrurec");
+    assert!(model.version.len() == 12 && model.version.chars().all(|c| c.is_ascii_hexdigit()), "version {:?}", model.version);
+    assert_eq!((info.num_items, info.max_k, info.max_history, info.embedding_dim), (1349, MAX_K, MAX_HISTORY, 64));
+    assert_eq!(info.dataset, "ml-100k");
+
+    let history = user_history();
+    let mut tagged = tonic::Request::new(request(history.clone(), 20));
+    tagged.metadata_mut().insert("x-request-id", "test-1".parse().unwrap());
+    let response = client.retrieve(tagged).await.unwrap().into_inner();
+    assert_eq!(response.items.len(), 20);
+    assert!(!response.popularity_fallback);
+    assert_eq!(response.model, Some(model.clone()));
+    assert!(response.compute_us > 0);
+    assert!(response.items.iter().all(|i| !history.contains(&i.item_id)), "history items must be excluded");
+    assert!(response.items.iter().all(|i| !i.title.is_empty()), "every candidate has a title");
+    assert!(response.items.windows(2).all(|w| w[0].score >= w[1].score), "best first");
+    let mut ids: Vec<&str> = response.items.iter().map(|i| i.item_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "no duplicates");
+
+    // Without exclusion the model may return history items; k is still honoured.
+    let open = client.retrieve(RetrieveRequest { exclude_history: false, ..request(history.clone(), 5) }).await.unwrap().into_inner();
+    assert_eq!(open.items.len(), 5);
+
+    let empty = client.retrieve(request(Vec::new(), 10)).await.unwrap().into_inner();
+    assert!(empty.popularity_fallback);
+    assert_eq!(empty.items.len(), 10);
+    assert!(empty.items.windows(2).all(|w| w[0].score >= w[1].score), "most popular first");
+
+    let cases = [
+        (request(vec!["1".into(), "no-such-item".into()], 10), "\"no-such-item\""),
+        (request(history.clone(), 0), "k: must be at least 1"),
+        (request(history.clone(), MAX_K + 1), &format!("above the maximum of {MAX_K}") as &str),
+        (request(vec!["1".to_string(); MAX_HISTORY as usize + 1], 10), &format!("history: {} items, at most {MAX_HISTORY}", MAX_HISTORY + 1)),
+    ];
+    for (req, message) in cases {
+        let status = client.retrieve(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(message), "{:?} does not contain {message:?}", status.message());
+    }
+    assert!(client.retrieve(request(vec!["1".into(), "no-such-item".into()], 10)).await.unwrap_err().message().contains("history[1]"));
+}
