@@ -35,6 +35,9 @@ enum Command {
         #[arg(value_enum)]
         service: commands::serve::ServiceName,
     },
+    /// Train a model from the configured data set.
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
     /// Evaluate a stage on a split (Recall/NDCG/MRR at 1, 5, 10, 20).
     Eval(commands::eval::EvalArgs),
     /// Benchmarks that write JSON.
@@ -71,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => commands::data::run(&layers, cmd),
         Command::Up(args) => runtime()?.block_on(commands::up::run(&layers, args)),
         Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
+        Command::Train(cmd) => commands::train::run(&layers, cmd),
         Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
         Command::Bench(cmd) => runtime()?.block_on(commands::bench::run(&layers, cmd)),
         Command::Health { addr, timeout_s } => runtime()?

@@ -61,10 +61,11 @@ pub async fn run(layers: &ConfigLayers, args: EvalArgs) -> Result<()> {
     let assets = layers.section::<AssetsConfig>()?;
     let data = layers.section::<DataConfig>()?;
     let dataset = Dataset::load(&data, &assets.dir)?;
-    let Some(addr) = args.via_gateway.clone() else {
-        bail!("in-process evaluation of stage {:?} is not available yet; use --via-gateway", args.stage);
+    let report = match (args.via_gateway.clone(), args.stage) {
+        (Some(addr), _) => via_gateway(&dataset, &args, &addr).await?,
+        (None, Stage::Retriever) => super::eval_retriever::in_process(layers, &dataset, args.split, args.sample)?,
+        (None, stage) => bail!("in-process evaluation of stage {stage:?} is not available yet; use --via-gateway"),
     };
-    let report = via_gateway(&dataset, &args, &addr).await?;
     write_report(&report, args.json.as_ref())
 }
 

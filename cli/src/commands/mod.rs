@@ -3,8 +3,10 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod eval_retriever;
 pub mod fetch;
 pub mod json;
 pub mod recommend;
 pub mod serve;
+pub mod train;
 pub mod up;

@@ -3,6 +3,7 @@
 
 pub mod gateway;
 pub mod latency;
+pub mod retriever;
 
 use anyhow::Result;
 use llamarec_common::config::ConfigLayers;
@@ -13,11 +14,15 @@ pub enum BenchCommand {
     /// Gateway overhead over the ranker, and retriever-only Recommend throughput, against a
     /// running cluster (`llamarec up`).
     Gateway(gateway::GatewayBenchArgs),
+    /// Retriever: training time to best, Retrieve latency in-process and over gRPC, latency
+    /// against catalog size.
+    Retriever(retriever::RetrieverBenchArgs),
 }
 
 pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gateway(args) => gateway::run(layers, args).await,
+        BenchCommand::Retriever(args) => retriever::run(layers, args).await,
     }
 }
 

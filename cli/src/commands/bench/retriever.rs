@@ -1,0 +1,188 @@
+//! `llamarec bench retriever`: training wall time to the best checkpoint (from its report),
+//! single-request Retrieve latency in-process and over gRPC (a server started in this process
+//! on a free loopback port), and latency against catalog size with random embeddings.
+
+use super::latency::Latencies;
+use super::write_json;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use llamarec_common::config::{AssetsConfig, ConfigLayers};
+use llamarec_common::data::{DataConfig, Dataset, Split};
+use llamarec_proto::v1::retriever_client::RetrieverClient;
+use llamarec_proto::v1::RetrieveRequest;
+use retriever_service::checkpoint::{read_json, REPORT_FILE};
+use retriever_service::model::LruRec;
+use retriever_service::service_config::RetrieverServiceConfig;
+use retriever_service::{Catalog, CatalogItem, Encoder, LruRecConfig, Retriever, TrainReport};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct RetrieverBenchArgs {
+    /// Write the results here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passes over the test users' histories for the in-process and gRPC series.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Candidates per request.
+    #[arg(long, default_value_t = 20)]
+    k: u32,
+    /// Catalog sizes for the scaling series (random model, 200-event history).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000,1000000")]
+    sizes: Vec<usize>,
+    /// Requests per catalog size (a quarter of it for catalogs of a million items or more).
+    #[arg(long, default_value_t = 200)]
+    size_requests: usize,
+}
+
+pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> {
+    let config = layers.section::<RetrieverServiceConfig>()?;
+    let assets = layers.section::<AssetsConfig>()?;
+    let data = layers.section::<DataConfig>()?;
+    let dataset = Dataset::load(&data, &assets.dir)?;
+    let histories: Vec<Vec<u32>> = dataset.eval_examples(Split::Test).map(|e| e.history.to_vec()).collect();
+
+    let report: TrainReport = read_json(&config.checkpoint.join(REPORT_FILE)).context("reading the checkpoint's training report")?;
+    let training = json!({
+        "checkpoint": config.checkpoint.display().to_string(),
+        "best_epoch": report.best_epoch,
+        "epochs": report.epochs,
+        "time_to_best_s": report.time_to_best_s,
+        "wall_time_s": report.wall_time_s,
+        "validation_recall_at_10": report.validation.get(10).recall,
+        "test_recall_at_10": report.test.get(10).recall,
+        "test_ndcg_at_10": report.test.get(10).ndcg,
+        "test_recall_at_20": report.test.get(20).recall,
+    });
+    eprintln!("training: best epoch {} of {}, {:.0} s to best", report.best_epoch, report.epochs, report.time_to_best_s);
+
+    let checkpoint = config.checkpoint.clone();
+    let k = args.k as usize;
+    let rounds = args.rounds;
+    let in_process_histories = histories.clone();
+    let in_process = tokio::task::spawn_blocking(move || -> Result<Latencies> {
+        let retriever = Retriever::load(&checkpoint)?;
+        for h in in_process_histories.iter().take(50) {
+            retriever.retrieve(h, k, true)?;
+        }
+        let mut lat = Latencies::default();
+        for _ in 0..rounds {
+            for h in &in_process_histories {
+                let t = Instant::now();
+                std::hint::black_box(retriever.retrieve(h, k, true)?);
+                lat.record(t.elapsed());
+            }
+        }
+        Ok(lat)
+    })
+    .await??;
+    eprintln!("in-process: p50 {:.3} ms, p99 {:.3} ms", in_process.quantile_ms(0.5), in_process.quantile_ms(0.99));
+
+    let grpc = grpc_series(config.clone(), &dataset, &histories, &args).await?;
+    eprintln!("gRPC: p50 {:.3} ms, p99 {:.3} ms", grpc.quantile_ms(0.5), grpc.quantile_ms(0.99));
+
+    let sizes = args.sizes.clone();
+    let size_requests = args.size_requests;
+    let scaling = tokio::task::spawn_blocking(move || catalog_series(&sizes, size_requests, k)).await??;
+
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    });
+    let result = json!({
+        "benchmark": "retriever",
+        "dataset": dataset.name,
+        "k": k,
+        "machine": machine,
+        "training": training,
+        "retrieve_in_process": in_process.summary(),
+        "retrieve_grpc": grpc.summary(),
+        "catalog_sizes": scaling,
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    if let Some(path) = &args.json {
+        write_json(path, &result)?;
+    }
+    Ok(())
+}
+
+/// One Retrieve at a time over loopback gRPC to a server started here on a free port.
+async fn grpc_series(mut config: RetrieverServiceConfig, dataset: &Dataset, histories: &[Vec<u32>], args: &RetrieverBenchArgs) -> Result<Latencies> {
+    config.metrics_listen = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(retriever_service::server::run_with(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    llamarec_common::serving::wait_serving(&addr.to_string(), Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let mut client = RetrieverClient::new(channel);
+    let requests: Vec<RetrieveRequest> = histories
+        .iter()
+        .map(|h| RetrieveRequest {
+            history: h.iter().map(|&i| dataset.items[i as usize].id.clone()).collect(),
+            k: args.k,
+            exclude_history: true,
+        })
+        .collect();
+    for r in requests.iter().take(50) {
+        client.retrieve(r.clone()).await?;
+    }
+    let mut lat = Latencies::default();
+    for _ in 0..args.rounds {
+        for r in &requests {
+            let t = Instant::now();
+            match client.retrieve(r.clone()).await {
+                Ok(_) => lat.record(t.elapsed()),
+                Err(_) => lat.error(),
+            }
+        }
+    }
+    let _ = stop.send(());
+    server.await??;
+    Ok(lat)
+}
+
+/// A retriever over `n` items with random weights (embeddings N(0, 0.02²) like the
+/// initialisation), built without materialising a trainable model of that size.
+fn random_retriever(n: usize) -> Result<Retriever> {
+    let small = LruRecConfig::for_items(16);
+    let mut tensors = LruRec::init(&small, 7, &Device::Cpu)?.tensors();
+    let config = LruRecConfig::for_items(n);
+    tensors.insert("embedding.token.weight".into(), Tensor::randn(0f32, 0.02, (n + 1, config.embed_dim), &Device::Cpu)?);
+    tensors.insert("output.bias".into(), Tensor::randn(0f32, 0.02, n + 1, &Device::Cpu)?);
+    let encoder = Encoder::new(&config, &tensors)?;
+    drop(tensors);
+    let items = (0..=n).map(|i| CatalogItem { id: i.to_string(), title: String::new(), train_count: 0 }).collect();
+    Ok(Retriever::new(encoder, Catalog::new(items)))
+}
+
+fn catalog_series(sizes: &[usize], requests: usize, k: usize) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for &n in sizes {
+        let retriever = random_retriever(n)?;
+        let quantized = n >= retriever_service::retriever::QUANTIZED_SCORING_MIN_ITEMS;
+        let requests = if n >= 1_000_000 { (requests / 4).max(1) } else { requests };
+        let mut variants = vec![(if quantized { "int8 scan + exact f32 re-scoring" } else { "f32" }, retriever)];
+        if quantized {
+            variants.push(("f32", random_retriever(n)?.with_quantized_scoring(false)));
+        }
+        for (scoring, retriever) in variants {
+            let history: Vec<u32> = (0..200u32).map(|i| (i.wrapping_mul(7919) as usize % n) as u32 + 1).collect();
+            let mut lat = Latencies::default();
+            for round in 0..requests + 5 {
+                let t = Instant::now();
+                std::hint::black_box(retriever.retrieve(&history, k, true)?);
+                if round >= 5 {
+                    lat.record(t.elapsed());
+                }
+            }
+            eprintln!("catalog {n:>8} items ({scoring}): p50 {:.3} ms, p99 {:.3} ms", lat.quantile_ms(0.5), lat.quantile_ms(0.99));
+            out.push(json!({ "items": n, "history": history.len(), "scoring": scoring, "latency": lat.summary() }));
+        }
+    }
+    Ok(out)
+}
