@@ -66,7 +66,11 @@ pub async fn serve_until(
         health.set_service_status("", ServingStatus::NotServing).await;
         let _ = draining_tx.send(());
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY on accepted sockets, a response's trailing HTTP/2 frames wait for the
+    // client's delayed ACK: about 40 ms added to every small unary call.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+        conn.and_then(|socket| socket.set_nodelay(true).map(|()| socket))
+    });
     let server = router.serve_with_incoming_shutdown(incoming, drain);
     tokio::pin!(server);
     tokio::select! {
