@@ -51,6 +51,10 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         timeout_s: u64,
     },
+    /// Score one history and candidate list with the ranker in this process (no server).
+    Rank(commands::rank::RankArgs),
+    /// Last-position letter logits of one raw prompt (to compare with another engine).
+    ScorePrompt(commands::score_prompt::ScorePromptArgs),
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
 }
@@ -80,6 +84,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Health { addr, timeout_s } => runtime()?
             .block_on(llamarec_common::serving::wait_serving(&addr, std::time::Duration::from_secs(timeout_s)))
             .map_err(anyhow::Error::msg),
+        Command::Rank(args) => commands::rank::run(&layers, args),
+        Command::ScorePrompt(args) => commands::score_prompt::run(&layers, args),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
     }
 }

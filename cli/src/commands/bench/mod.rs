@@ -3,6 +3,7 @@
 
 pub mod gateway;
 pub mod latency;
+pub mod ranker;
 pub mod retriever;
 
 use anyhow::Result;
@@ -17,12 +18,16 @@ pub enum BenchCommand {
     /// Retriever: training time to best, Retrieve latency in-process and over gRPC, latency
     /// against catalog size.
     Retriever(retriever::RetrieverBenchArgs),
+    /// Ranker: prefill tokens/s and Rank latency (cold, history cached; per thread count),
+    /// memory, and one-pass scoring against generating the ranked list (PNG plot).
+    Ranker(ranker::RankerBenchArgs),
 }
 
 pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gateway(args) => gateway::run(layers, args).await,
         BenchCommand::Retriever(args) => retriever::run(layers, args).await,
+        BenchCommand::Ranker(args) => ranker::run(layers, args).await,
     }
 }
 
