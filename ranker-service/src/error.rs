@@ -46,19 +46,19 @@ pub enum RankerError {
         max: usize,
     },
     /// A history or candidate title is empty (after trimming).
-    #[error("{kind} title {index} is empty")]
+    #[error("{kind} title at index {index} is empty")]
     EmptyTitle {
         /// "history" or "candidate".
         kind: &'static str,
         /// Zero-based position in the request.
         index: usize,
     },
-    /// The rendered prompt does not fit into the model's context.
-    #[error("prompt of {tokens} tokens exceeds the model context of {max} tokens")]
+    /// The rendered prompt is longer than the model's context (or the configured limit).
+    #[error("prompt of {tokens} tokens exceeds the context limit of {max} tokens")]
     ContextOverflow {
         /// Prompt length in tokens.
         tokens: usize,
-        /// The model's maximum sequence length.
+        /// The longest prompt accepted.
         max: usize,
     },
     /// A tensor operation failed.

@@ -1,7 +1,7 @@
-//! The LlamaRec ranker's model core: a Llama-family LLM that scores candidate items by the
-//! logits of their index letters after one forward pass over a rendered prompt.
+//! The LlamaRec ranker: a Llama-family LLM that scores candidate items by the logits of their
+//! index letters after one forward pass over a rendered prompt, and the gRPC service around it.
 //!
-//! Modules, one job each:
+//! Model core, one job per module:
 //! - [`gguf`]: reading GGUF metadata and tensors.
 //! - [`config`]: model hyper-parameters.
 //! - [`weights`]: loading GGUF / safetensors weights into our layout.
@@ -13,18 +13,35 @@
 //! - [`verbalizer`]: the answer-letter token ids.
 //! - [`sample`]: the fixed MovieLens request used by benchmarks and tests.
 //! - [`ranker`]: scoring requests (prompt -> one forward pass -> letter logits), prefix cache.
+//! - [`peft`]: LoRA adapters in PEFT's file layout (load and save).
+//!
+//! Service (the transport knows nothing about tensors, the model nothing about gRPC):
+//! - [`service_config`]: the `[ranker]` configuration section.
+//! - [`queue`]: admission, dynamic batching and the dedicated model thread.
+//! - [`backend`]: batches on the model with the per-user [`history_cache`].
+//! - [`service`]: the `llamarec.v1.Ranker` gRPC service and its error mapping.
+//! - [`server`]: loading, warm-up, health and serving.
+//! - [`metrics`]: Prometheus metric names and the exporter.
 
+pub mod backend;
 pub mod config;
 mod cpu_kernels;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod history_cache;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod metrics;
+pub mod peft;
 pub mod prompt;
+pub mod queue;
 pub mod ranker;
 pub mod sample;
+pub mod server;
+pub mod service;
+pub mod service_config;
 pub mod tokenizer;
 pub mod verbalizer;
 pub mod weights;

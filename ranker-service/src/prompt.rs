@@ -179,6 +179,8 @@ pub struct PromptRenderer {
     tokenizer: Tokenizer,
     prefix_text: String,
     prefix_ids: Vec<u32>,
+    /// Special-token texts, removed from titles (see [`PromptRenderer::truncate_title`]).
+    special_texts: Vec<String>,
 }
 
 impl PromptRenderer {
@@ -189,11 +191,13 @@ impl PromptRenderer {
             .prefix
             .replace("{instruction}", &template.instruction);
         let prefix_ids = tokenizer.encode(&prefix_text)?;
+        let special_texts = tokenizer.special_token_texts();
         Ok(Self {
             template,
             tokenizer,
             prefix_text,
             prefix_ids,
+            special_texts,
         })
     }
 
@@ -212,10 +216,15 @@ impl PromptRenderer {
         &self.prefix_ids
     }
 
-    /// A title trimmed and cut to `max_title_tokens` tokens, as LlamaRec does (tokenize,
-    /// keep the first tokens, decode). A cut inside a multi-byte character leaves a U+FFFD,
-    /// which is dropped.
+    /// A title sanitized, trimmed and cut to `max_title_tokens` tokens, as LlamaRec does
+    /// (tokenize, keep the first tokens, decode). A cut inside a multi-byte character leaves a
+    /// U+FFFD, which is dropped.
+    ///
+    /// Titles come from callers, but the prompt is tokenized with special tokens parsed (the
+    /// templates use them), so the text of a special token (`<|im_end|>`, ...) in a title is
+    /// removed first: otherwise a title could end a chat turn or inject its own.
     pub fn truncate_title(&self, title: &str) -> Result<String> {
+        let title = self.sanitize(title);
         let title = title.trim();
         let ids = self.tokenizer.encode(title)?;
         if ids.len() <= self.template.max_title_tokens {
@@ -225,6 +234,20 @@ impl PromptRenderer {
             .tokenizer
             .decode(&ids[..self.template.max_title_tokens])?;
         Ok(cut.trim_end_matches('\u{FFFD}').trim_end().to_string())
+    }
+
+    /// `text` without special-token texts; repeated because a removal can join the pieces of
+    /// another one ("<|im_<|im_end|>end|>").
+    fn sanitize(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        while let Some(t) = self
+            .special_texts
+            .iter()
+            .find(|t| text.contains(t.as_str()))
+        {
+            text = text.replace(t.as_str(), "");
+        }
+        text
     }
 
     /// Renders a request: the last `max_history` history titles and up to `letters.len()`

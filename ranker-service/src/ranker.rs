@@ -1,13 +1,13 @@
 //! The ranker's scoring entry point: model + prompt + verbalizer + prefix cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RankerError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::llama::{Llama, LoadOptions, Positions, TokenBatch, TokenHead};
+use crate::llama::{Kernels, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
 use crate::prompt::{PromptRenderer, PromptTemplate, TokenizedPrompt};
 use crate::tokenizer::Tokenizer;
 use crate::verbalizer::Verbalizer;
@@ -74,11 +74,24 @@ pub struct Ranker {
     head: TokenHead,
     /// The fixed instruction prefix, run once at construction.
     prefix_cache: KvCache,
+    /// Longest prompt [`Ranker::prepare`] accepts.
+    max_prompt_tokens: usize,
 }
 
 impl Ranker {
     /// Loads model and tokenizer as configured and prepares the verbalizer and prefix cache.
     pub fn load(config: &RankerModelConfig, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with_adapter(config, None, opts)
+    }
+
+    /// Like [`Ranker::load`], with a PEFT LoRA adapter directory merged into the weights
+    /// (which must then be dense: `precision = f32`). Off the CPU the forward pass uses
+    /// candle's generic kernels.
+    pub fn load_with_adapter(
+        config: &RankerModelConfig,
+        adapter: Option<&Path>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let opts = LoadOptions {
             precision: config.precision,
             ..opts.clone()
@@ -99,6 +112,15 @@ impl Ranker {
             };
             (model, tokenizer)
         };
+        let mut model = model;
+        if let Some(dir) = adapter {
+            let (lora, _) =
+                crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())?;
+            model.merge_lora(&lora)?;
+        }
+        if !model.device().is_cpu() {
+            model.set_kernels(Kernels::Generic);
+        }
         let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
         Self::new(model, renderer)
     }
@@ -109,13 +131,26 @@ impl Ranker {
         let head = model.token_head(verbalizer.token_ids())?;
         let prefix = TokenBatch::left_padded(&[renderer.prefix_ids()], model.device())?;
         let prefix_cache = model.forward(&prefix, None, None, Positions::Last)?.cache;
+        let max_prompt_tokens = model.config().max_seq_len;
         Ok(Self {
             model,
             renderer,
             verbalizer,
             head,
             prefix_cache,
+            max_prompt_tokens,
         })
+    }
+
+    /// Accepts prompts of at most `tokens` (capped at the model's context length), e.g. to
+    /// bound the work one request can ask for.
+    pub fn set_max_prompt_tokens(&mut self, tokens: usize) {
+        self.max_prompt_tokens = tokens.min(self.model.config().max_seq_len);
+    }
+
+    /// Longest prompt accepted, in tokens.
+    pub fn max_prompt_tokens(&self) -> usize {
+        self.max_prompt_tokens
     }
 
     /// The model.
@@ -141,7 +176,7 @@ impl Ranker {
     ) -> Result<PreparedRequest> {
         let rendered = self.renderer.render(history, candidates)?;
         let prompt = self.renderer.tokenize(&rendered)?;
-        let max = self.model.config().max_seq_len;
+        let max = self.max_prompt_tokens;
         if prompt.ids.len() > max {
             return Err(RankerError::ContextOverflow {
                 tokens: prompt.ids.len(),

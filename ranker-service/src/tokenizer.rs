@@ -105,6 +105,21 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The text of every special added token (`<|im_start|>`, `<|endoftext|>`, ...): text that
+    /// [`Tokenizer::encode`] turns into a control id wherever it occurs.
+    pub fn special_token_texts(&self) -> Vec<String> {
+        let mut texts: Vec<String> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .filter(|c| !c.is_empty())
+            .collect();
+        texts.sort();
+        texts
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

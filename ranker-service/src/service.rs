@@ -1,0 +1,271 @@
+//! The `llamarec.v1.Ranker` gRPC service: admission, tokenization off the runtime, the queue,
+//! health on model failure, and the one mapping from service errors to status codes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llamarec_proto::v1::ranker_server::{self, RankerServer};
+use llamarec_proto::v1::{
+    CandidateScore, InfoRequest, ModelVersion, RankRequest, RankResponse, RankerInfo,
+};
+use tonic::{Code, Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::instrument;
+
+use crate::backend::{RankJob, RankOutput};
+use crate::error::RankerError;
+use crate::metrics as m;
+use crate::queue::{Completed, Queue, QueueError};
+use crate::ranker::Ranker;
+
+/// Metadata key of the caller's request id (set by the gateway).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// How long after a model failure the service re-checks the model with a real request.
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
+/// Everything a Rank call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; the message names the problem.
+    #[error("{0}")]
+    InvalidArgument(RankerError),
+    /// The queue is full.
+    #[error("ranker at capacity ({0} requests queued or computing); retry with backoff")]
+    Overloaded(usize),
+    /// The queue has stopped (the server is shutting down).
+    #[error("ranker unavailable: {0}")]
+    Unavailable(String),
+    /// The model or the tokenizer failed.
+    #[error("ranking failed: {0}")]
+    Internal(String),
+}
+
+impl From<RankerError> for ServiceError {
+    fn from(e: RankerError) -> Self {
+        if e.is_invalid_argument() {
+            Self::InvalidArgument(e)
+        } else {
+            Self::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<QueueError> for ServiceError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Overloaded { capacity } => Self::Overloaded(capacity),
+            QueueError::Backend(m) => Self::Internal(m),
+            QueueError::Closed => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// The queue of prepared requests in front of the model thread.
+pub type RankQueue = Queue<RankJob, RankOutput>;
+
+/// What Info answers, fixed at load time.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Base weights plus adapter.
+    pub version: ModelVersion,
+    /// The adapter's path; empty without one.
+    pub adapter: String,
+    /// The compute device, e.g. "cpu" or "cuda:0".
+    pub device: String,
+}
+
+/// The service's state, shared by all requests.
+pub struct RankerService {
+    ranker: Arc<Ranker>,
+    queue: RankQueue,
+    info: ModelInfo,
+    health: HealthReporter,
+    rechecking: Arc<AtomicBool>,
+}
+
+impl RankerService {
+    /// Wires the service around a loaded ranker and its running queue.
+    pub fn new(
+        ranker: Arc<Ranker>,
+        queue: RankQueue,
+        info: ModelInfo,
+        health: HealthReporter,
+    ) -> Self {
+        Self {
+            ranker,
+            queue,
+            info,
+            health,
+            rechecking: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    async fn rank_inner(&self, req: RankRequest) -> Result<RankResponse, ServiceError> {
+        let place = self.queue.reserve()?;
+        let ranker = self.ranker.clone();
+        let (job, tokenize) = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let prepared = ranker.prepare(&req.history_titles, &req.candidate_titles);
+            (prepared.map(RankJob::new), start.elapsed())
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("tokenizer task: {e}")))?;
+        metrics::histogram!(m::TOKENIZE_DURATION).record(tokenize.as_secs_f64());
+        let job = job?;
+        let tokens = job.max_tokens();
+        let done = place.submit(job, tokens).await;
+        if let Err(QueueError::Backend(_)) = &done {
+            self.model_failed();
+        }
+        Ok(self.response(done?))
+    }
+
+    fn response(&self, done: Completed<RankOutput>) -> RankResponse {
+        let letters = &self.ranker.renderer().template().letters;
+        let out = done.output;
+        let scores = out
+            .logits
+            .iter()
+            .zip(&out.probabilities)
+            .zip(letters)
+            .map(|((&logit, &probability), letter)| CandidateScore {
+                letter: letter.clone(),
+                logit,
+                probability,
+            })
+            .collect();
+        RankResponse {
+            scores,
+            model: Some(self.info.version.clone()),
+            prompt_tokens: out.prompt_tokens as u32,
+            cached_tokens: out.cached_tokens as u32,
+            queue_us: done.queue_time.as_micros() as u64,
+            compute_us: done.compute_time.as_micros() as u64,
+        }
+    }
+
+    /// Marks the service NOT_SERVING and re-checks the model with a real request until it
+    /// answers again.
+    fn model_failed(&self) {
+        let health = self.health.clone();
+        tokio::spawn(async move { set_serving(&health, false).await });
+        if self.rechecking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (queue, ranker, health, rechecking) = (
+            self.queue.clone(),
+            self.ranker.clone(),
+            self.health.clone(),
+            self.rechecking.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RECHECK_AFTER).await;
+                match warm_up(&ranker, &queue).await {
+                    Ok(()) => {
+                        tracing::info!("model answers again: SERVING");
+                        set_serving(&health, true).await;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "model re-check failed"),
+                }
+            }
+            rechecking.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Sets the overall and the Ranker service's health.
+pub async fn set_serving(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <RankerServer<RankerService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// One real request through the queue and the model: the fixed MovieLens sample.
+pub async fn warm_up(ranker: &Arc<Ranker>, queue: &RankQueue) -> Result<(), ServiceError> {
+    let (history, candidates) = crate::sample::movielens_request();
+    let job = RankJob::new(ranker.prepare(&history, &candidates)?);
+    let tokens = job.max_tokens();
+    let done = queue.reserve()?.submit(job, tokens).await?;
+    let p: f32 = done.output.probabilities.iter().sum();
+    if done.output.logits.len() != candidates.len() || !p.is_finite() || (p - 1.0).abs() > 1e-3 {
+        return Err(ServiceError::Internal(format!(
+            "warm-up gave {} scores summing to {p}",
+            done.output.logits.len()
+        )));
+    }
+    Ok(())
+}
+
+fn request_id_of<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tonic::async_trait]
+impl ranker_server::Ranker for RankerService {
+    #[instrument(skip_all, fields(request_id))]
+    async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
+        let start = Instant::now();
+        tracing::Span::current().record("request_id", request_id_of(&request));
+        let result = self
+            .rank_inner(request.into_inner())
+            .await
+            .map_err(Status::from);
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        if let Err(status) = &result {
+            if code == Code::Internal {
+                tracing::error!(error = status.message(), "rank failed");
+            } else {
+                tracing::debug!(code = ?code, error = status.message(), "rank refused");
+            }
+        }
+        metrics::histogram!(m::REQUEST_DURATION).record(start.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS_TOTAL, "status" => format!("{code:?}")).increment(1);
+        result.map(Response::new)
+    }
+
+    #[instrument(skip_all, fields(request_id))]
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<RankerInfo>, Status> {
+        tracing::Span::current().record("request_id", request_id_of(&request));
+        let template = self.ranker.renderer().template();
+        Ok(Response::new(RankerInfo {
+            model: Some(self.info.version.clone()),
+            adapter: self.info.adapter.clone(),
+            template: template.name.clone(),
+            device: self.info.device.clone(),
+            max_candidates: template.letters.len() as u32,
+            max_history: template.max_history as u32,
+            context_length: self.ranker.max_prompt_tokens() as u32,
+        }))
+    }
+}
