@@ -10,11 +10,14 @@ pub enum ServiceName {
     Gateway,
     /// The LRURec retriever.
     Retriever,
+    /// The LLM ranker.
+    Ranker,
 }
 
 pub async fn run(layers: &ConfigLayers, service: ServiceName) -> Result<()> {
     match service {
         ServiceName::Gateway => gateway::server::serve(layers).await,
         ServiceName::Retriever => retriever_service::server::serve(layers).await,
+        ServiceName::Ranker => ranker_service::server::serve(layers).await,
     }
 }
