@@ -2,10 +2,15 @@
 
 mod common;
 
+use candle_core::Tensor;
+use ranker_service::peft::{save_adapter, PeftLoraConfig};
 use ranker_service::sample::movielens_request;
-use ranker_service::ScoreInput;
+use ranker_service::{
+    LoadOptions, LoraAdapter, LoraPair, Positions, Projection, PromptTemplate, Ranker,
+    RankerModelConfig, ScoreInput, TokenBatch, WeightPrecision,
+};
 
-use common::{max_abs_diff, ranker};
+use common::{max_abs_diff, ranker, require_model};
 
 #[test]
 fn history_cache_and_batching_give_the_same_scores() {
@@ -58,4 +63,54 @@ fn history_cache_and_batching_give_the_same_scores() {
     assert!(max_abs_diff(&warm[1].logits, &cold[0].logits) <= 1e-3);
     assert!(max_abs_diff(&warm[0].logits, &cold[1].logits) <= 1e-3);
     eprintln!("logits {:?}", &alone.logits[..5]);
+}
+
+#[test]
+fn a_peft_adapter_directory_is_merged_at_load_and_scores_like_the_unmerged_lora_path() {
+    let config = RankerModelConfig {
+        model: require_model(),
+        tokenizer: None,
+        precision: WeightPrecision::F32,
+        template: PromptTemplate::alpaca(),
+    };
+    let plain = Ranker::load(&config, &LoadOptions::default()).unwrap();
+    let model = plain.model();
+    let cfg = model.config();
+    let targets = [Projection::QProj, Projection::VProj];
+    let mut adapter = LoraAdapter::new();
+    for layer in 0..cfg.num_layers {
+        for proj in targets {
+            let (din, dout) = proj.dims(cfg);
+            let pair = LoraPair {
+                a: Tensor::randn(0f32, 0.05, (2, din), model.device()).unwrap(),
+                b: Tensor::randn(0f32, 0.05, (dout, 2), model.device()).unwrap(),
+                scale: 16.0,
+            };
+            adapter.insert(cfg, layer, proj, pair).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(dir.path(), &adapter, &PeftLoraConfig::new(2, 32.0, &targets)).unwrap();
+    let tuned =
+        Ranker::load_with_adapter(&config, Some(dir.path()), &LoadOptions::default()).unwrap();
+
+    let (history, candidates) = movielens_request();
+    let merged = tuned.score(&history, &candidates).unwrap();
+    let base = plain.score(&history, &candidates).unwrap();
+    assert!(max_abs_diff(&merged.logits, &base.logits) > 1e-2);
+    // The reference: base weights with the adapter applied per token.
+    let request = plain.prepare(&history, &candidates).unwrap();
+    let batch = TokenBatch::left_padded(&[&request.prompt.ids], model.device()).unwrap();
+    let out = model
+        .forward(&batch, None, Some(&adapter), Positions::Last)
+        .unwrap();
+    let head = model.token_head(plain.verbalizer().token_ids()).unwrap();
+    let reference: Vec<f32> = head
+        .logits(&out.last_hidden().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(max_abs_diff(&merged.logits, &reference) <= 1e-3);
 }
