@@ -3,8 +3,8 @@
 //! probability. Also home of the model options shared by the ranker's local commands.
 
 use anyhow::{bail, Context, Result};
-use llamarec_common::assets::SHIPPED_GGUF;
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
+use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::{LoadOptions, PromptTemplate, Ranker, RankerModelConfig, ScoreInput, WeightPrecision};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -14,37 +14,42 @@ use std::time::Instant;
 /// Which model, tokenizer and template a local ranker command loads.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// A GGUF file or an HF safetensors directory [default: the shipped GGUF under the
-    /// `[assets] dir`].
+    /// A GGUF file or an HF safetensors directory [default: the `[ranker]` section's model].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A `tokenizer.json` to use instead of the model's own.
+    /// A `tokenizer.json` to use instead of the configured one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Prompt template: "alpaca" (the paper's) or "chatml".
-    #[arg(long, default_value = "alpaca")]
-    pub template: String,
+    /// Prompt template: "alpaca" (the paper's) or "chatml" [default: the `[ranker]` section's].
+    #[arg(long)]
+    pub template: Option<String>,
     /// Keep quantized GGUF weights quantized (slow on CPU) instead of dequantizing to f32.
     #[arg(long)]
     pub quantized: bool,
 }
 
 impl ModelArgs {
-    /// The model configuration these options select.
+    /// The `[ranker]` section's model (paths under `[assets] dir`) with these options applied.
+    /// Its LoRA adapter, if any, is not applied: these commands run the base model.
     pub fn config(&self, layers: &ConfigLayers) -> Result<RankerModelConfig> {
-        let model = match &self.model {
-            Some(p) => p.clone(),
-            None => layers.section::<AssetsConfig>()?.dir.join(SHIPPED_GGUF),
-        };
-        let Some(template) = PromptTemplate::builtin(&self.template) else {
-            bail!("unknown template {:?}: use \"alpaca\" or \"chatml\"", self.template);
-        };
-        Ok(RankerModelConfig {
-            model,
-            tokenizer: self.tokenizer.clone(),
-            precision: if self.quantized { WeightPrecision::Quantized } else { WeightPrecision::F32 },
-            template,
-        })
+        let assets = layers.section::<AssetsConfig>()?;
+        let mut config = layers.section::<RankerServiceConfig>()?.model_config(&assets);
+        if let Some(model) = &self.model {
+            config.model = model.clone();
+        }
+        if let Some(tokenizer) = &self.tokenizer {
+            config.tokenizer = Some(tokenizer.clone());
+        }
+        if let Some(name) = &self.template {
+            let Some(template) = PromptTemplate::builtin(name) else {
+                bail!("unknown template {name:?}: use \"alpaca\" or \"chatml\"");
+            };
+            config.template = template;
+        }
+        if self.quantized {
+            config.precision = WeightPrecision::Quantized;
+        }
+        Ok(config)
     }
 }
 

@@ -141,7 +141,10 @@ fn spawn_worker(layers: &ConfigLayers, args: &RankerBenchArgs, worker: Worker, t
     if let Some(file) = layers.file() {
         cmd.arg("--config").arg(file);
     }
-    cmd.args(["bench", "ranker", "--template", &args.model.template]);
+    cmd.args(["bench", "ranker"]);
+    if let Some(t) = &args.model.template {
+        cmd.args(["--template", t]);
+    }
     if let Some(m) = &args.model.model {
         cmd.arg("--model").arg(m);
     }
