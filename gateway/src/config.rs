@@ -76,8 +76,13 @@ pub struct GatewayConfig {
     pub max_user_id_len: usize,
     /// Most events in one AppendEvents or Recommend call.
     pub max_events_per_call: usize,
-    /// Longest history sent to the retriever (the most recent items are kept).
+    /// Longest history sent to the retriever (the most recent items are kept). The retriever
+    /// reads only its model's window but leaves every item it is sent out of the answer, so this
+    /// also bounds which seen items can never be recommended again; keep it within the
+    /// retriever's `max_history`.
     pub max_history: usize,
+    /// Longest inline history a request may carry.
+    pub max_inline_history: usize,
     /// Requests in flight before new ones are refused with RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
     /// Deadline assumed when the caller sends none.
@@ -110,7 +115,8 @@ impl Default for GatewayConfig {
             ranker_weight: 1.0,
             max_user_id_len: 256,
             max_events_per_call: 256,
-            max_history: 200,
+            max_history: 1000,
+            max_inline_history: 1000,
             max_in_flight: 256,
             default_deadline_ms: 5_000,
             retrieve_budget_ms: 200,

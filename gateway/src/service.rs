@@ -74,11 +74,11 @@ impl<S: HistoryStore> GatewayService<S> {
                     "append_events: cannot be combined with inline_history, which leaves the stored history untouched".into(),
                 ));
             }
-            if inline.item_ids.len() > self.config.max_events_per_call.max(self.config.max_history) {
+            if inline.item_ids.len() > self.config.max_inline_history {
                 return Err(GatewayError::InvalidArgument(format!(
                     "inline_history.item_ids: {} items, at most {} allowed",
                     inline.item_ids.len(),
-                    self.config.max_events_per_call.max(self.config.max_history)
+                    self.config.max_inline_history
                 )));
             }
             validate::item_ids(&self.catalog, "inline_history.item_ids", inline.item_ids.iter().map(String::as_str))?;

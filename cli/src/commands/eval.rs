@@ -64,7 +64,7 @@ pub async fn run(layers: &ConfigLayers, args: EvalArgs) -> Result<()> {
     let report = match (args.via_gateway.clone(), args.stage) {
         (Some(addr), _) => via_gateway(&dataset, &args, &addr).await?,
         (None, Stage::Retriever) => super::eval_retriever::in_process(layers, &dataset, args.split, args.sample)?,
-        (None, stage) => bail!("in-process evaluation of stage {stage:?} is not available yet; use --via-gateway"),
+        (None, Stage::TwoStage) => super::eval_two_stage::in_process(layers, &dataset, args.split, args.sample, args.candidates as usize)?,
     };
     write_report(&report, args.json.as_ref())
 }

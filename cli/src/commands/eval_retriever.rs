@@ -13,15 +13,7 @@ use std::time::Instant;
 /// Evaluates the configured retriever checkpoint on `split` (the first `sample` users if given).
 pub fn in_process(layers: &ConfigLayers, dataset: &Dataset, split: Split, sample: Option<usize>) -> Result<EvalReport> {
     let start = Instant::now();
-    let config = layers.section::<RetrieverServiceConfig>()?;
-    let retriever = Retriever::load(&config.checkpoint).with_context(|| format!("loading {}", config.checkpoint.display()))?;
-    // The checkpoint's dense indices must be the data set's: same items in the same order.
-    let catalog = retriever.catalog();
-    let same = catalog.num_items() == dataset.num_items()
-        && dataset.items.iter().enumerate().skip(1).all(|(i, item)| catalog.item(i as u32).is_some_and(|c| c.id == item.id));
-    if !same {
-        bail!("checkpoint {} was not trained on data set {} (its item catalog differs)", config.checkpoint.display(), dataset.name);
-    }
+    let retriever = load_for(layers, dataset)?;
     let mut cases = split_cases(dataset, split);
     cases.truncate(sample.unwrap_or(usize::MAX));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -39,4 +31,18 @@ pub fn in_process(layers: &ConfigLayers, dataset: &Dataset, split: Split, sample
         valid_subset: None,
         wall_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Loads the configured checkpoint and checks that its dense indices are the data set's (same
+/// items in the same order), so data set indices can be used with it directly.
+pub fn load_for(layers: &ConfigLayers, dataset: &Dataset) -> Result<Retriever> {
+    let config = layers.section::<RetrieverServiceConfig>()?;
+    let retriever = Retriever::load(&config.checkpoint).with_context(|| format!("loading {}", config.checkpoint.display()))?;
+    let catalog = retriever.catalog();
+    let same = catalog.num_items() == dataset.num_items()
+        && dataset.items.iter().enumerate().skip(1).all(|(i, item)| catalog.item(i as u32).is_some_and(|c| c.id == item.id));
+    if !same {
+        bail!("checkpoint {} was not trained on data set {} (its item catalog differs)", config.checkpoint.display(), dataset.name);
+    }
+    Ok(retriever)
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod eval_retriever;
+pub mod eval_two_stage;
 pub mod fetch;
 pub mod json;
 pub mod rank;

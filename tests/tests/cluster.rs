@@ -1,0 +1,186 @@
+//! The whole cluster as separate processes on loopback, with the real models: Recommend end to
+//! end, bad requests, durability across a gateway crash, and the ranker killed and restarted.
+
+use llamarec_proto::v1::gateway_client::GatewayClient;
+use llamarec_proto::v1::{AppendEventsRequest, DegradedReason, Event, GetHistoryRequest, RecommendOptions, RecommendRequest};
+use llamarec_tests::{binary, free_port, wait_serving, Process};
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    ranker_addr: String,
+    gateway_addr: String,
+    /// Held so the retriever lives as long as the cluster.
+    _retriever: Process,
+    ranker: Process,
+    gateway: Process,
+}
+
+fn config_file(dir: &Path, retriever: &str, ranker: &str, gateway: &str) -> String {
+    let path = dir.join("cluster.toml");
+    let text = format!(
+        r#"
+[telemetry]
+log_level = "warn"
+
+[retriever]
+listen = "{retriever}"
+metrics_listen = "127.0.0.1:{rm}"
+
+[ranker]
+listen = "{ranker}"
+metrics_listen = "127.0.0.1:{km}"
+
+[gateway]
+listen = "{gateway}"
+metrics_listen = "127.0.0.1:{gm}"
+retriever = "{retriever}"
+[gateway.rankers]
+addresses = ["{ranker}"]
+eject_ms = 100
+[gateway.store]
+kind = "embedded"
+path = "{store}"
+"#,
+        rm = free_port(),
+        km = free_port(),
+        gm = free_port(),
+        store = dir.join("histories.redb").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn start(service: &str, bin: &str, config: &str) -> Process {
+    Process::start(service, &binary(bin), &["--config", config], &[])
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let retriever_addr = format!("127.0.0.1:{}", free_port());
+        let ranker_addr = format!("127.0.0.1:{}", free_port());
+        let gateway_addr = format!("127.0.0.1:{}", free_port());
+        let config = config_file(dir.path(), &retriever_addr, &ranker_addr, &gateway_addr);
+        let retriever = start("retriever", "retriever-service", &config);
+        let ranker = start("ranker", "ranker-service", &config);
+        let gateway = start("gateway", "gateway", &config);
+        for addr in [&retriever_addr, &ranker_addr, &gateway_addr] {
+            wait_serving(addr, Duration::from_secs(180)).await.unwrap();
+        }
+        Self { dir, ranker_addr, gateway_addr, _retriever: retriever, ranker, gateway }
+    }
+
+    fn config(&self) -> String {
+        self.dir.path().join("cluster.toml").display().to_string()
+    }
+
+    async fn client(&self) -> GatewayClient<Channel> {
+        GatewayClient::connect(format!("http://{}", self.gateway_addr)).await.unwrap()
+    }
+}
+
+fn recommend(user: &str, k: u32) -> tonic::Request<RecommendRequest> {
+    let mut r = tonic::Request::new(RecommendRequest { user_id: user.into(), k, ..Default::default() });
+    r.set_timeout(Duration::from_secs(60));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_end_to_end() {
+    let mut cluster = Cluster::start().await;
+    let mut client = cluster.client().await;
+
+    // Recommend with the real models: k items, ranked, none from the user's history.
+    let history: Vec<String> = client
+        .get_history(GetHistoryRequest { user_id: "42".into(), limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.item_id)
+        .collect();
+    assert!(!history.is_empty(), "the store is seeded from the data set");
+    let r = client.recommend(recommend("42", 10)).await.unwrap().into_inner();
+    assert_eq!(r.items.len(), 10);
+    assert!(!r.degraded, "{}", r.degraded_detail);
+    assert!(r.ranker_model.is_some());
+    assert!(r.items.iter().all(|i| i.ranker_log_prob.is_some()), "k <= N: every item was ranked");
+    assert!(r.items.iter().all(|i| !history.contains(&i.item_id)), "history items are never recommended");
+    assert!(r.items.windows(2).all(|w| w[0].final_score >= w[1].final_score), "sorted by final score");
+    assert_eq!(r.history_length as usize, history.len());
+
+    // Evaluation through the gateway equals the in-process evaluation on a sample of users.
+    let via = cluster.dir.path().join("via.json");
+    let local = cluster.dir.path().join("local.json");
+    let config = cluster.config();
+    let gateway_addr = cluster.gateway_addr.clone();
+    for (out, extra) in [(&via, vec!["--via-gateway", gateway_addr.as_str()]), (&local, vec![])] {
+        let out_s = out.display().to_string();
+        let mut args = vec!["--config", config.as_str(), "eval", "--stage", "two-stage", "--split", "test", "--sample", "12", "--json", out_s.as_str()];
+        args.extend(extra);
+        let status = std::process::Command::new(binary("llamarec")).args(&args).current_dir(llamarec_tests::repo_root()).status().unwrap();
+        assert!(status.success(), "llamarec eval {args:?} failed");
+    }
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (via, local) = (read(&via), read(&local));
+    assert_eq!(via["all_users"], local["all_users"], "via gateway {via} vs in-process {local}");
+    assert_eq!(via["valid_subset"], local["valid_subset"]);
+    assert_eq!(via["all_users"]["users"], 12);
+
+    // Bad requests name the problem.
+    for (req, needle) in [
+        (RecommendRequest { user_id: "".into(), k: 10, ..Default::default() }, "user_id"),
+        (RecommendRequest { user_id: "42".into(), k: 0, ..Default::default() }, "k"),
+        (RecommendRequest { user_id: "42".into(), k: 100_000, ..Default::default() }, "k"),
+        (
+            RecommendRequest { user_id: "42".into(), k: 5, append_events: vec![Event { item_id: "no-such-item".into(), timestamp_ms: 0 }], ..Default::default() },
+            "unknown item",
+        ),
+        (RecommendRequest { user_id: "42".into(), k: 5, options: Some(RecommendOptions { num_candidates: 50, skip_ranker: false }), ..Default::default() }, "num_candidates"),
+    ] {
+        let status = client.recommend(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{needle}: {}", status.message());
+    }
+
+    // Appended history survives a gateway crash (kill -9) and restart.
+    let appended = client
+        .append_events(AppendEventsRequest { user_id: "new-user".into(), events: vec![Event { item_id: "50".into(), timestamp_ms: 1 }, Event { item_id: "181".into(), timestamp_ms: 2 }] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(appended.history_length, 2);
+    cluster.gateway.kill();
+    cluster.gateway = start("gateway", "gateway", &cluster.config());
+    wait_serving(&cluster.gateway_addr, Duration::from_secs(60)).await.unwrap();
+    let mut client = cluster.client().await;
+    let events = client.get_history(GetHistoryRequest { user_id: "new-user".into(), limit: 0 }).await.unwrap().into_inner().events;
+    assert_eq!(events.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>(), ["50", "181"]);
+
+    // Ranker killed: Recommend still answers, in retriever order, flagged as degraded.
+    cluster.ranker.kill();
+    let r = client.recommend(recommend("42", 10)).await.unwrap().into_inner();
+    assert!(r.degraded);
+    assert_eq!(r.degraded_reason(), DegradedReason::RankerFailed, "{}", r.degraded_detail);
+    assert_eq!(r.items.len(), 10);
+    assert_eq!(r.items.iter().map(|i| i.retriever_rank).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+
+    // Ranker restarted: ranking resumes.
+    cluster.ranker = start("ranker", "ranker-service", &cluster.config());
+    wait_serving(&cluster.ranker_addr, Duration::from_secs(180)).await.unwrap();
+    let mut resumed = false;
+    for _ in 0..20 {
+        let r = client.recommend(recommend("42", 10)).await.unwrap().into_inner();
+        if !r.degraded {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(resumed, "ranking did not resume after the ranker restarted");
+}
