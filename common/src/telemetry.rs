@@ -37,7 +37,20 @@ pub fn init_tracing(config: &TelemetryConfig) {
     let _ = if config.json { builder.json().try_init() } else { builder.try_init() };
 }
 
-/// Serves Prometheus metrics at `http://{addr}/metrics`. Must run inside a Tokio runtime.
-pub fn install_prometheus(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install()
+/// Histogram buckets of every `*_duration_seconds` metric: 1 ms to 30 s.
+const DURATION_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Serves Prometheus metrics at `http://{addr}/metrics`. Every metric ending in
+/// `_duration_seconds` is a real histogram (buckets from 1 ms to 30 s, so latency quantiles can
+/// be aggregated across pods); `extra_buckets` gives other histograms theirs, by full name. Must
+/// run inside a Tokio runtime.
+pub fn install_prometheus(addr: SocketAddr, extra_buckets: &[(&str, &[f64])]) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let mut builder = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &DURATION_BUCKETS)?;
+    for (name, buckets) in extra_buckets {
+        builder = builder.set_buckets_for_metric(Matcher::Full((*name).into()), buckets)?;
+    }
+    builder.install()
 }

@@ -79,7 +79,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
     }
     if let Some(addr) = config.metrics_listen {
-        llamarec_common::telemetry::install_prometheus(addr).with_context(|| format!("metrics listener on {addr}"))?;
+        llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
 
     let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers);

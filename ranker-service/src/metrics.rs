@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::BuildError;
 
 /// Requests waiting for a batch: the autoscaling signal.
 pub const QUEUE_DEPTH: &str = "llamarec_ranker_queue_depth";
@@ -82,20 +82,12 @@ pub fn describe() {
     );
 }
 
-/// Serves the metrics at `http://{addr}/metrics`, with histogram buckets suited to each metric
-/// (durations from 1 ms to 30 s). Must run inside a Tokio runtime.
+/// Serves the metrics at `http://{addr}/metrics` through the shared installer, adding buckets
+/// for the batch histograms. Must run inside a Tokio runtime.
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
-    let seconds = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ];
     let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
     let tokens = [64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &seconds)?
-        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes)?
-        .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), &tokens)?
-        .install()?;
+    llamarec_common::telemetry::install_prometheus(addr, &[(BATCH_SIZE, &sizes), (BATCH_TOKENS, &tokens)])?;
     describe();
     Ok(())
 }

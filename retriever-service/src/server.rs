@@ -72,7 +72,7 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     let checkpoint = config.checkpoint.clone();
     let (retriever, info) = tokio::task::spawn_blocking(move || load_and_warm_up(&checkpoint)).await??;
     if let Some(addr) = config.metrics_listen {
-        llamarec_common::telemetry::install_prometheus(addr).with_context(|| format!("metrics listener on {addr}"))?;
+        llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
     let num_items = retriever.catalog().num_items();
     let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
