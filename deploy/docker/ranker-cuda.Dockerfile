@@ -34,8 +34,9 @@ ARG CUDA_COMPUTE_CAP=80
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 COPY --from=planner /src/recipe.json recipe.json
 # Dependency layer, cached until Cargo.toml / Cargo.lock change: candle with its CUDA kernels.
+# (`cook` takes one -p; llamarec-cli depends on ranker-service, so this covers both.)
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-      -p ranker-service -p llamarec-cli --features ranker-service/cuda
+      -p llamarec-cli --features ranker-service/cuda
 COPY . .
 # The `llamarec` command is built in the same invocation (features unify), so the health check
 # binary links the same CUDA libraries as the service.
