@@ -10,8 +10,9 @@
    Services (gateway -> retriever, headless ranker, redis) and the probe ports; every container
    has requests/limits, probes and a non-root security context; the gpu overlay really asks for a
    GPU and sets LLAMAREC_RANKER__DEVICE.
-3. deploy/compose.yaml parses and every service, volume, bind source, build context and
-   Dockerfile it names exists; the config hosts it relies on are its services.
+3. deploy/compose.yaml parses as a Compose Specification file (compose-spec, strict) and every
+   service, volume, bind source, build context and Dockerfile it names exists; the config hosts
+   it relies on are its services.
 4. The Dockerfiles: the shared builder block is byte-identical in the four CPU images, and every
    COPY source exists and is not excluded by .dockerignore.
 """
@@ -198,6 +199,12 @@ def cross_check(objs: list[dict], source: str) -> None:
 # --- 3. compose ---------------------------------------------------------------------------------
 
 def check_compose(path: pathlib.Path) -> None:
+    from compose_spec import PyCompose  # strict Compose Specification parser (Rust compose_spec)
+
+    try:
+        PyCompose.from_yaml(path.read_text())
+    except Exception as e:  # the binding raises a plain exception naming the key and line
+        fail(f"{path}: not a valid Compose file: {e}")
     doc = yaml.safe_load(path.read_text())
     base = path.parent
     services = doc.get("services") or {}
@@ -325,7 +332,7 @@ def main() -> int:
         fail("deploy/k8s/prometheus-adapter/values-snippet.yaml: no custom rules")
 
     check_compose(ROOT / "deploy" / "compose.yaml")
-    print("deploy/validate: deploy/compose.yaml parsed and its references checked")
+    print("deploy/validate: deploy/compose.yaml valid against the Compose Specification; references checked")
     check_dockerfiles()
     print("deploy/validate: deploy/docker/*.Dockerfile checked (shared builder block, COPY sources)")
 

