@@ -76,11 +76,18 @@ impl ConfigLayers {
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let mut environment = config::Environment::with_prefix(ENV_PREFIX).prefix_separator("_").separator("__").try_parsing(true);
-        if let Some(vars) = env {
-            environment = environment.source(Some(vars.into_iter().collect()));
+        let vars: Vec<(String, String)> = env.unwrap_or_else(|| std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect());
+        let (arrays, scalars): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(_, v)| is_array(v));
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(scalars.into_iter().collect()));
+        builder = builder.add_source(environment);
+        if let Some(toml) = env_arrays_as_toml(&arrays) {
+            builder = builder.add_source(config::File::from_str(&toml, config::FileFormat::Toml));
         }
-        let config = builder.add_source(environment).build().map_err(|source| ConfigError::Parse { origin, source })?;
+        let config = builder.build().map_err(|source| ConfigError::Parse { origin, source })?;
         Ok(Self { file: file.map(Path::to_path_buf), config })
     }
 
@@ -122,6 +129,28 @@ impl ConfigLayers {
         })?;
         Ok(value)
     }
+}
+
+/// Whether an environment value is a list: `[...]`, written as a TOML array
+/// (`LLAMAREC_GATEWAY__RANKERS__ADDRESSES='["10.0.0.1:50052", "10.0.0.2:50052"]'`). The
+/// environment layer alone has no way to express lists.
+fn is_array(value: &str) -> bool {
+    let v = value.trim();
+    v.starts_with('[') && v.ends_with(']')
+}
+
+/// The list-valued `LLAMAREC_*` variables as one TOML document of dotted keys
+/// (`gateway.rankers.addresses = [...]`), or none.
+fn env_arrays_as_toml(arrays: &[(String, String)]) -> Option<String> {
+    let prefix = format!("{ENV_PREFIX}_");
+    let lines: Vec<String> = arrays
+        .iter()
+        .filter_map(|(name, value)| {
+            let key = name.strip_prefix(&prefix)?.split("__").map(|part| format!("\"{}\"", part.to_lowercase())).collect::<Vec<_>>().join(".");
+            Some(format!("{key} = {}", value.trim()))
+        })
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 fn describe(file: Option<&Path>) -> String {
@@ -171,10 +200,11 @@ mod tests {
         threads: u32,
         name: String,
         enabled: bool,
+        peers: Vec<String>,
     }
     impl Default for Demo {
         fn default() -> Self {
-            Self { threads: 2, name: "default".into(), enabled: false }
+            Self { threads: 2, name: "default".into(), enabled: false, peers: vec!["default:1".into()] }
         }
     }
     impl Section for Demo {
@@ -203,12 +233,23 @@ mod tests {
         let none = ConfigLayers::load_with_env(None, env(&[])).unwrap().section::<Demo>().unwrap();
         assert_eq!(none, Demo::default());
         let from_file = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap().section::<Demo>().unwrap();
-        assert_eq!(from_file, Demo { threads: 4, name: "file".into(), enabled: false });
+        assert_eq!(from_file, Demo { threads: 4, name: "file".into(), ..Demo::default() });
         let layered = ConfigLayers::load_with_env(Some(f.path()), env(&[("LLAMAREC_DEMO__THREADS", "8"), ("LLAMAREC_DEMO__ENABLED", "true")]))
             .unwrap()
             .section::<Demo>()
             .unwrap();
-        assert_eq!(layered, Demo { threads: 8, name: "file".into(), enabled: true });
+        assert_eq!(layered, Demo { threads: 8, name: "file".into(), enabled: true, ..Demo::default() });
+    }
+
+    #[test]
+    fn lists_come_from_the_environment_as_toml_arrays() {
+        let f = file("[demo]\npeers = [\"file:1\"]\n");
+        let vars = env(&[("LLAMAREC_DEMO__PEERS", r#"["a:1", "b:2"]"#), ("LLAMAREC_DEMO__NAME", "[not] a list")]);
+        let demo = ConfigLayers::load_with_env(Some(f.path()), vars).unwrap().section::<Demo>().unwrap();
+        assert_eq!(demo.peers, vec!["a:1".to_string(), "b:2".to_string()]);
+        assert_eq!(demo.name, "[not] a list");
+        let err = ConfigLayers::load_with_env(None, env(&[("LLAMAREC_DEMO__PEERS", "[a:1]")])).unwrap_err().to_string();
+        assert!(err.contains("LLAMAREC_"), "{err}");
     }
 
     #[test]
