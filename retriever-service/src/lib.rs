@@ -34,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod service_config;
 pub mod state;
+pub mod state_cache;
 pub mod topk;
 pub mod train;
 

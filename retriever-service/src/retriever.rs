@@ -6,6 +6,7 @@ use crate::encoder::Encoder;
 use crate::error::Result;
 use crate::quantized::QuantizedEmbedding;
 use crate::state::UserState;
+use crate::state_cache::StateCache;
 use crate::topk::{top_k, Candidate};
 use std::path::Path;
 
@@ -44,6 +45,7 @@ pub struct Retriever {
     catalog: Catalog,
     scoring_threads: usize,
     quantized: Option<QuantizedEmbedding>,
+    states: Option<StateCache>,
 }
 
 impl Retriever {
@@ -63,7 +65,19 @@ impl Retriever {
         };
         let quantized = (catalog.num_items() >= QUANTIZED_SCORING_MIN_ITEMS)
             .then(|| QuantizedEmbedding::new(encoder.embedding(), encoder.config().embed_dim));
-        Self { encoder, catalog, scoring_threads, quantized }
+        Self { encoder, catalog, scoring_threads, quantized, states: None }
+    }
+
+    /// Keeps up to `capacity_bytes` of recent user states (see [`crate::state_cache`]); 0 turns
+    /// the cache off. Results are the same with or without it.
+    pub fn with_state_cache(mut self, capacity_bytes: u64) -> Self {
+        self.states = (capacity_bytes > 0).then(|| StateCache::new(capacity_bytes));
+        self
+    }
+
+    /// The state cache, when enabled.
+    pub fn state_cache(&self) -> Option<&StateCache> {
+        self.states.as_ref()
     }
 
     /// Turns the int8 first pass on or off, whatever the catalog size (results are the same).
@@ -91,7 +105,15 @@ impl Retriever {
     /// The state after the last `max_len` events of `history` (what the model was trained on).
     pub fn state(&self, history: &[u32]) -> Result<UserState> {
         let max_len = self.encoder.config().max_len;
-        self.encoder.encode(&history[history.len().saturating_sub(max_len)..])
+        let window = &history[history.len().saturating_sub(max_len)..];
+        match &self.states {
+            Some(cache) => {
+                let (state, outcome) = cache.state(&self.encoder, window)?;
+                metrics::counter!("llamarec_retriever_state_cache_total", "outcome" => outcome.as_str()).increment(1);
+                Ok(state)
+            }
+            None => self.encoder.encode(window),
+        }
     }
 
     /// The `k` best items after `history` (dense indices, oldest first), with the history's
