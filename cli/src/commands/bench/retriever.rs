@@ -58,30 +58,16 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     });
     eprintln!("training: best epoch {} of {}, {:.0} s to best", report.best_epoch, report.epochs, report.time_to_best_s);
 
-    let checkpoint = config.checkpoint.clone();
+    // Each series side by side: every Retrieve recomputing the state (a new user, or a history
+    // whose 200-event window slid) and returning users (state cache primed with every history).
     let k = args.k as usize;
-    let rounds = args.rounds;
-    let in_process_histories = histories.clone();
-    let in_process = tokio::task::spawn_blocking(move || -> Result<Latencies> {
-        let retriever = Retriever::load(&checkpoint)?;
-        for h in in_process_histories.iter().take(50) {
-            retriever.retrieve(h, k, true)?;
-        }
-        let mut lat = Latencies::default();
-        for _ in 0..rounds {
-            for h in &in_process_histories {
-                let t = Instant::now();
-                std::hint::black_box(retriever.retrieve(h, k, true)?);
-                lat.record(t.elapsed());
-            }
-        }
-        Ok(lat)
-    })
-    .await??;
-    eprintln!("in-process: p50 {:.3} ms, p99 {:.3} ms", in_process.quantile_ms(0.5), in_process.quantile_ms(0.99));
+    let cold = in_process_series(&config, &histories, k, args.rounds, 0).await?;
+    let returning = in_process_series(&config, &histories, k, args.rounds, config.state_cache_bytes.max(1 << 20)).await?;
+    eprintln!("in-process: cold p50 {:.3} / p99 {:.3} ms, returning p50 {:.3} / p99 {:.3} ms", cold.quantile_ms(0.5), cold.quantile_ms(0.99), returning.quantile_ms(0.5), returning.quantile_ms(0.99));
 
-    let grpc = grpc_series(config.clone(), &dataset, &histories, &args).await?;
-    eprintln!("gRPC: p50 {:.3} ms, p99 {:.3} ms", grpc.quantile_ms(0.5), grpc.quantile_ms(0.99));
+    let grpc_cold = grpc_series(RetrieverServiceConfig { state_cache_bytes: 0, ..config.clone() }, &dataset, &histories, &args).await?;
+    let grpc_returning = grpc_series(RetrieverServiceConfig { state_cache_bytes: config.state_cache_bytes.max(1 << 20), ..config.clone() }, &dataset, &histories, &args).await?;
+    eprintln!("gRPC: cold p50 {:.3} / p99 {:.3} ms, returning p50 {:.3} / p99 {:.3} ms", grpc_cold.quantile_ms(0.5), grpc_cold.quantile_ms(0.99), grpc_returning.quantile_ms(0.5), grpc_returning.quantile_ms(0.99));
 
     let sizes = args.sizes.clone();
     let size_requests = args.size_requests;
@@ -97,8 +83,10 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
         "k": k,
         "machine": machine,
         "training": training,
-        "retrieve_in_process": in_process.summary(),
-        "retrieve_grpc": grpc.summary(),
+        "retrieve_in_process": cold.summary(),
+        "retrieve_in_process_returning_user": returning.summary(),
+        "retrieve_grpc": grpc_cold.summary(),
+        "retrieve_grpc_returning_user": grpc_returning.summary(),
         "catalog_sizes": scaling,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
@@ -106,6 +94,29 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
         write_json(path, &result)?;
     }
     Ok(())
+}
+
+/// One retrieval at a time in this process, with a state cache of `cache_bytes` (0: none),
+/// after one untimed pass over every history (which fills the cache).
+async fn in_process_series(config: &RetrieverServiceConfig, histories: &[Vec<u32>], k: usize, rounds: usize, cache_bytes: u64) -> Result<Latencies> {
+    let checkpoint = config.checkpoint.clone();
+    let histories = histories.to_vec();
+    tokio::task::spawn_blocking(move || -> Result<Latencies> {
+        let retriever = Retriever::load(&checkpoint)?.with_state_cache(cache_bytes);
+        for h in &histories {
+            retriever.retrieve(h, k, true)?;
+        }
+        let mut lat = Latencies::default();
+        for _ in 0..rounds {
+            for h in &histories {
+                let t = Instant::now();
+                std::hint::black_box(retriever.retrieve(h, k, true)?);
+                lat.record(t.elapsed());
+            }
+        }
+        Ok(lat)
+    })
+    .await?
 }
 
 /// One Retrieve at a time over loopback gRPC to a server started here on a free port.
@@ -128,7 +139,8 @@ async fn grpc_series(mut config: RetrieverServiceConfig, dataset: &Dataset, hist
             exclude_history: true,
         })
         .collect();
-    for r in requests.iter().take(50) {
+    // One untimed pass: warms the connection and, when the server caches states, fills it.
+    for r in &requests {
         client.retrieve(r.clone()).await?;
     }
     let mut lat = Latencies::default();
