@@ -97,6 +97,8 @@ pub struct GatewayConfig {
     pub cache_entries: usize,
     /// History cache: how long an entry is trusted (other replicas may have appended).
     pub cache_ttl_ms: u64,
+    /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
+    pub traffic: crate::traffic::TrafficConfig,
 }
 
 impl Default for GatewayConfig {
@@ -124,6 +126,7 @@ impl Default for GatewayConfig {
             min_rank_budget_ms: 20,
             cache_entries: 100_000,
             cache_ttl_ms: 30_000,
+            traffic: crate::traffic::TrafficConfig::default(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Section for GatewayConfig {
         if self.max_history == 0 {
             return err("max_history", "must be at least 1");
         }
+        self.traffic.validate()?;
         Ok(())
     }
 }

@@ -8,6 +8,8 @@ pub mod error;
 pub mod history;
 pub mod merge;
 pub mod ranker_pool;
+pub mod replay;
 pub mod server;
 pub mod service;
+pub mod traffic;
 pub mod validate;

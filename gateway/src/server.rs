@@ -82,7 +82,8 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
 
-    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers);
+    let traffic = crate::traffic::TrafficRecorder::start(&config.traffic).context("starting the traffic capture")?;
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers).with_traffic(traffic);
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;

@@ -33,6 +33,7 @@ pub struct GatewayService<S> {
     retriever: RetrieverClient<Channel>,
     rankers: Arc<RankerPool>,
     in_flight: Arc<Semaphore>,
+    traffic: Option<crate::traffic::TrafficRecorder>,
 }
 
 /// Why the ranker's scores are missing.
@@ -51,7 +52,13 @@ impl<S: HistoryStore> GatewayService<S> {
         rankers: Arc<RankerPool>,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-        Self { config, catalog, histories, retriever, rankers, in_flight }
+        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None }
+    }
+
+    /// Records a sampled share of Recommend requests (see [`crate::traffic`]).
+    pub fn with_traffic(mut self, recorder: Option<crate::traffic::TrafficRecorder>) -> Self {
+        self.traffic = recorder;
+        self
     }
 
     fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
@@ -213,6 +220,9 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
     #[instrument(skip_all, fields(request_id, user_id))]
     async fn recommend(&self, request: Request<RecommendRequest>) -> Result<Response<RecommendResponse>, Status> {
         let start = Instant::now();
+        if let Some(traffic) = &self.traffic {
+            traffic.offer(request.get_ref(), caller_timeout(&request)); // as offered, before admission
+        }
         let _permit = self.admit().inspect_err(|_| metrics::counter!("llamarec_gateway_rejected_total").increment(1))?;
         let request_id = request_id_of(&request);
         let timeout = caller_timeout(&request).unwrap_or(Duration::from_millis(self.config.default_deadline_ms));

@@ -1,0 +1,407 @@
+//! Traffic capture: a sampled share of Recommend requests written as JSON lines, one
+//! [`TrafficRecord`] each, with its arrival time. `llamarec replay` reads the same type back, so
+//! a capture can be replayed exactly as it arrived.
+//!
+//! The request path only draws a sample (one atomic add and a hash), copies the request's fields
+//! when sampled and offers them to a bounded channel; a dedicated writer thread serialises and
+//! writes. When the channel is full the record is dropped and counted
+//! (`llamarec_gateway_traffic_dropped_total`): capture never slows or blocks a request.
+
+use llamarec_proto::v1::{Event, InlineHistory, RecommendOptions, RecommendRequest};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// The `[gateway.traffic]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrafficConfig {
+    /// Share of Recommend requests recorded, 0.0 ..= 1.0; 0.0 (the default) turns capture off.
+    pub sample_rate: f64,
+    /// The JSON-lines file. A non-empty file from an earlier capture is kept, renamed to
+    /// `<path>.<unix seconds>`, so that every file holds one capture with increasing offsets.
+    pub path: PathBuf,
+    /// Records waiting for the writer before new ones are dropped (and counted).
+    pub queue: usize,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self { sample_rate: 0.0, path: "runs/gateway/traffic.jsonl".into(), queue: 4096 }
+    }
+}
+
+impl TrafficConfig {
+    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway.traffic]`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(("traffic.sample_rate".into(), "must be within 0.0 ..= 1.0".into()));
+        }
+        if self.queue == 0 {
+            return Err(("traffic.queue".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One interaction sent with a request (`append_events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficEvent {
+    /// External item id.
+    pub item_id: String,
+    /// As sent: milliseconds since the Unix epoch, 0 for "now".
+    #[serde(default)]
+    pub timestamp_ms: i64,
+}
+
+/// One captured Recommend request: when it arrived and everything needed to send it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficRecord {
+    /// Arrival, milliseconds after the capture started (replay keeps these gaps).
+    pub offset_ms: f64,
+    /// Arrival, milliseconds since the Unix epoch; absent in synthetic traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_ms: Option<u64>,
+    /// The user.
+    pub user_id: String,
+    /// Items wanted.
+    pub k: u32,
+    /// Candidates for the ranker; 0 = the gateway's default.
+    #[serde(default)]
+    pub candidates: u32,
+    /// Retriever only.
+    #[serde(default)]
+    pub skip_ranker: bool,
+    /// Inline history, as sent (item ids, oldest first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline_history: Option<Vec<String>>,
+    /// Events appended before recommending, as sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<TrafficEvent>,
+    /// The caller's gRPC deadline, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+impl TrafficRecord {
+    /// The record of `req`, arrived `offset` after the capture started.
+    pub fn from_request(req: &RecommendRequest, offset: Duration, unix_ms: Option<u64>, deadline: Option<Duration>) -> Self {
+        let options = req.options.clone().unwrap_or_default();
+        Self {
+            offset_ms: offset.as_secs_f64() * 1e3,
+            unix_ms,
+            user_id: req.user_id.clone(),
+            k: req.k,
+            candidates: options.num_candidates,
+            skip_ranker: options.skip_ranker,
+            inline_history: req.inline_history.as_ref().map(|h| h.item_ids.clone()),
+            events: req.append_events.iter().map(|e| TrafficEvent { item_id: e.item_id.clone(), timestamp_ms: e.timestamp_ms }).collect(),
+            deadline_ms: deadline.map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// The request to send again.
+    pub fn to_request(&self) -> RecommendRequest {
+        RecommendRequest {
+            user_id: self.user_id.clone(),
+            k: self.k,
+            append_events: self.events.iter().map(|e| Event { item_id: e.item_id.clone(), timestamp_ms: e.timestamp_ms }).collect(),
+            inline_history: self.inline_history.clone().map(|item_ids| InlineHistory { item_ids }),
+            options: Some(RecommendOptions { num_candidates: self.candidates, skip_ranker: self.skip_ranker }),
+        }
+    }
+}
+
+/// Reads a traffic file: one [`TrafficRecord`] per line (blank lines skipped), sorted by
+/// arrival. Errors name the line.
+pub fn read_traffic(path: &Path) -> anyhow::Result<Vec<TrafficRecord>> {
+    use anyhow::Context;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: TrafficRecord = serde_json::from_str(&line).with_context(|| format!("{}:{}: not a traffic record", path.display(), i + 1))?;
+        anyhow::ensure!(record.offset_ms.is_finite() && record.offset_ms >= 0.0, "{}:{}: offset_ms must be >= 0", path.display(), i + 1);
+        records.push(record);
+    }
+    records.sort_by(|a, b| a.offset_ms.total_cmp(&b.offset_ms));
+    Ok(records)
+}
+
+/// Writes records as JSON lines (what the capture writes; `llamarec traffic synth` uses it).
+pub fn write_traffic<'a>(out: &mut impl Write, records: impl IntoIterator<Item = &'a TrafficRecord>) -> std::io::Result<()> {
+    for r in records {
+        serde_json::to_writer(&mut *out, r)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Synthetic traffic: Poisson arrivals at `rate` per second for `duration`, each from a user
+/// drawn uniformly from `users` (seeded), asking for `k` items; a `skip_ranker_share` of them
+/// retriever only. No inline histories: the gateway reads each user's stored one.
+pub fn synth(users: &[String], rate: f64, duration: Duration, skip_ranker_share: f64, k: u32, candidates: u32, seed: u64) -> Vec<TrafficRecord> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7aff1c);
+    crate::replay::poisson_offsets(rate, duration, seed)
+        .into_iter()
+        .filter(|_| !users.is_empty())
+        .map(|offset| TrafficRecord {
+            offset_ms: offset.as_secs_f64() * 1e3,
+            unix_ms: None,
+            user_id: users[rng.gen_range(0..users.len())].clone(),
+            k,
+            candidates,
+            skip_ranker: rng.gen::<f64>() < skip_ranker_share,
+            inline_history: None,
+            events: Vec::new(),
+            deadline_ms: None,
+        })
+        .collect()
+}
+
+/// Decides which requests are recorded: each draw hashes a counter (splitmix64), so it is
+/// lock-free, uniform, and reproducible for a given seed.
+pub struct Sampler {
+    threshold: u64,
+    always: bool,
+    counter: AtomicU64,
+}
+
+impl Sampler {
+    /// Samples a `rate` share (clamped to 0.0 ..= 1.0).
+    pub fn new(rate: f64, seed: u64) -> Self {
+        let rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
+        Self { threshold: (rate * u64::MAX as f64) as u64, always: rate >= 1.0, counter: AtomicU64::new(seed) }
+    }
+
+    /// Whether to record this request.
+    pub fn sample(&self) -> bool {
+        if self.always {
+            return true;
+        }
+        if self.threshold == 0 {
+            return false;
+        }
+        splitmix64(self.counter.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)) < self.threshold
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The request-path half of the capture: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct TrafficRecorder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sampler: Sampler,
+    start: Instant,
+    start_unix: Duration,
+    tx: mpsc::Sender<TrafficRecord>,
+}
+
+impl TrafficRecorder {
+    /// Opens the capture file (keeping an earlier non-empty one under a new name) and starts the
+    /// writer thread; `None` when `sample_rate` is 0.
+    pub fn start(config: &TrafficConfig) -> anyhow::Result<Option<Self>> {
+        if config.sample_rate <= 0.0 {
+            return Ok(None);
+        }
+        let file = open_capture_file(&config.path)?;
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let path = config.path.clone();
+        std::thread::Builder::new().name("traffic-writer".into()).spawn(move || writer(rx, BufWriter::new(file), &path))?;
+        tracing::info!(path = %config.path.display(), sample_rate = config.sample_rate, "capturing Recommend traffic");
+        Ok(Some(Self::with_sender(Sampler::new(config.sample_rate, rand::random()), tx)))
+    }
+
+    fn with_sender(sampler: Sampler, tx: mpsc::Sender<TrafficRecord>) -> Self {
+        let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self { inner: Arc::new(Inner { sampler, start: Instant::now(), start_unix, tx }) }
+    }
+
+    /// Records `req` (arrived now, with the caller's `deadline`) when sampled. Returns whether a
+    /// record was queued.
+    pub fn offer(&self, req: &RecommendRequest, deadline: Option<Duration>) -> bool {
+        if !self.inner.sampler.sample() {
+            return false;
+        }
+        let offset = self.inner.start.elapsed();
+        let unix_ms = (self.inner.start_unix + offset).as_millis() as u64;
+        match self.inner.tx.try_send(TrafficRecord::from_request(req, offset, Some(unix_ms), deadline)) {
+            Ok(()) => {
+                metrics::counter!("llamarec_gateway_traffic_captured_total").increment(1);
+                true
+            }
+            Err(_) => {
+                metrics::counter!("llamarec_gateway_traffic_dropped_total").increment(1);
+                false
+            }
+        }
+    }
+}
+
+fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut kept = path.as_os_str().to_owned();
+        kept.push(format!(".{secs}"));
+        std::fs::rename(path, &kept).with_context(|| format!("keeping the earlier capture {}", path.display()))?;
+        tracing::info!(kept = %PathBuf::from(kept).display(), "kept the earlier traffic capture");
+    }
+    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// Writes records until every sender is gone; flushes whenever the queue runs empty, so the file
+/// is current within one record of the last arrival.
+fn writer(mut rx: mpsc::Receiver<TrafficRecord>, mut out: impl Write, path: &Path) {
+    let mut failed = false;
+    while let Some(record) = rx.blocking_recv() {
+        let mut result = write_traffic(&mut out, [&record]);
+        while let Ok(more) = rx.try_recv() {
+            result = result.and_then(|()| write_traffic(&mut out, [&more]));
+        }
+        result = result.and_then(|()| out.flush());
+        if let Err(e) = result {
+            metrics::counter!("llamarec_gateway_traffic_write_errors_total").increment(1);
+            if !failed {
+                tracing::error!(path = %path.display(), error = %e, "writing the traffic capture failed");
+                failed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> RecommendRequest {
+        RecommendRequest {
+            user_id: "42".into(),
+            k: 7,
+            append_events: vec![Event { item_id: "50".into(), timestamp_ms: 0 }, Event { item_id: "181".into(), timestamp_ms: 1_700_000_000_000 }],
+            inline_history: None,
+            options: Some(RecommendOptions { num_candidates: 12, skip_ranker: true }),
+        }
+    }
+
+    #[test]
+    fn sampler_extremes_and_share() {
+        let never = Sampler::new(0.0, 1);
+        assert!((0..10_000).all(|_| !never.sample()));
+        let always = Sampler::new(1.0, 1);
+        assert!((0..10_000).all(|_| always.sample()));
+        for rate in [0.01, 0.1, 0.5, 0.9] {
+            let s = Sampler::new(rate, 7);
+            let n = 200_000;
+            let hits = (0..n).filter(|_| s.sample()).count() as f64;
+            // Binomial standard deviation is at most 0.0012 of n here; allow 5 of them.
+            assert!((hits / n as f64 - rate).abs() < 0.006, "rate {rate}: sampled {}", hits / n as f64);
+        }
+        // Same seed, same decisions.
+        let (a, b) = (Sampler::new(0.3, 99), Sampler::new(0.3, 99));
+        assert!((0..1000).all(|_| a.sample() == b.sample()));
+        assert!(Sampler::new(f64::NAN, 1).threshold == 0);
+    }
+
+    #[test]
+    fn record_round_trips_the_request() {
+        let req = request();
+        let r = TrafficRecord::from_request(&req, Duration::from_micros(1500), Some(123), Some(Duration::from_secs(2)));
+        assert_eq!(r.offset_ms, 1.5);
+        assert_eq!(r.deadline_ms, Some(2000));
+        assert_eq!(r.to_request(), req);
+        let inline = RecommendRequest { inline_history: Some(InlineHistory { item_ids: vec!["1".into(), "2".into()] }), append_events: vec![], options: None, ..req };
+        let r2 = TrafficRecord::from_request(&inline, Duration::ZERO, None, None);
+        assert_eq!(r2.inline_history.as_deref(), Some(&["1".to_string(), "2".to_string()][..]));
+        // Absent options come back as the defaults they mean.
+        assert_eq!(r2.to_request(), RecommendRequest { options: Some(RecommendOptions::default()), ..inline });
+
+        // Through the file format and back, out of order in the file, sorted on reading.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut out = Vec::new();
+        write_traffic(&mut out, [&r, &r2]).unwrap();
+        out.extend_from_slice(b"\n");
+        std::fs::write(&path, &out).unwrap();
+        assert_eq!(read_traffic(&path).unwrap(), vec![r2.clone(), r.clone()]);
+        // Optional fields are left out of the line, and a minimal line reads.
+        assert!(!String::from_utf8(out).unwrap().lines().nth(1).unwrap().contains("unix_ms"));
+        std::fs::write(&path, "{\"offset_ms\":3,\"user_id\":\"9\",\"k\":5}\n{\"bad\":1}\n").unwrap();
+        let err = format!("{:#}", read_traffic(&path).unwrap_err());
+        assert!(err.contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn synth_draws_users_and_the_skip_share() {
+        let users: Vec<String> = (1..=50).map(|i| i.to_string()).collect();
+        let t = synth(&users, 100.0, Duration::from_secs(100), 0.25, 10, 20, 5);
+        assert!((9_500..10_500).contains(&t.len()), "{}", t.len());
+        assert!(t.windows(2).all(|w| w[0].offset_ms <= w[1].offset_ms));
+        assert!(t.iter().all(|r| users.contains(&r.user_id) && r.k == 10 && r.candidates == 20 && r.inline_history.is_none()));
+        let skipped = t.iter().filter(|r| r.skip_ranker).count() as f64 / t.len() as f64;
+        assert!((skipped - 0.25).abs() < 0.03, "{skipped}");
+        let distinct: std::collections::HashSet<_> = t.iter().map(|r| &r.user_id).collect();
+        assert_eq!(distinct.len(), 50);
+        assert_eq!(t, synth(&users, 100.0, Duration::from_secs(100), 0.25, 10, 20, 5), "seeded");
+        assert!(synth(&[], 100.0, Duration::from_secs(1), 0.0, 10, 0, 1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn recorder_writes_what_it_samples_and_drops_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/traffic.jsonl");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "old\n").unwrap();
+        let config = TrafficConfig { sample_rate: 1.0, path: path.clone(), queue: 64 };
+        let recorder = TrafficRecorder::start(&config).unwrap().unwrap();
+        for i in 0..10 {
+            let mut req = request();
+            req.user_id = i.to_string();
+            assert!(recorder.offer(&req, None));
+        }
+        drop(recorder); // closes the channel; the writer drains and exits
+        let mut records = Vec::new();
+        for _ in 0..500 {
+            records = read_traffic(&path).unwrap_or_default();
+            if records.len() == 10 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(records.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>(), (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+        assert!(records.windows(2).all(|w| w[0].offset_ms <= w[1].offset_ms && w[0].unix_ms <= w[1].unix_ms));
+        assert!(records.iter().all(|r| r.events.len() == 2 && r.skip_ranker && r.candidates == 12));
+        // The earlier capture was kept, not overwritten.
+        let kept: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "traffic.jsonl").collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read_to_string(kept[0].path()).unwrap(), "old\n");
+
+        // No writer draining: the bounded queue fills and further offers are dropped, not blocked.
+        let (tx, _rx) = mpsc::channel(3);
+        let stuck = TrafficRecorder::with_sender(Sampler::new(1.0, 0), tx);
+        let queued = (0..10).filter(|_| stuck.offer(&request(), None)).count();
+        assert_eq!(queued, 3);
+        // Off by default.
+        assert!(TrafficRecorder::start(&TrafficConfig::default()).unwrap().is_none());
+    }
+}
