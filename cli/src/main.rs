@@ -57,6 +57,11 @@ enum Command {
     ScorePrompt(commands::score_prompt::ScorePromptArgs),
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
+    /// Drive a gateway open-loop from a traffic file; report throughput, latency, errors.
+    Replay(commands::replay::ReplayArgs),
+    /// Traffic files for `replay`.
+    #[command(subcommand)]
+    Traffic(commands::traffic::TrafficCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,6 +92,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rank(args) => commands::rank::run(&layers, args),
         Command::ScorePrompt(args) => commands::score_prompt::run(&layers, args),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
+        Command::Replay(args) => runtime()?.block_on(commands::replay::run(&layers, args)),
+        Command::Traffic(cmd) => commands::traffic::run(&layers, cmd),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod gateway;
 pub mod latency;
 pub mod ranker;
+pub mod replay;
 pub mod retriever;
 
 use anyhow::Result;
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     /// Ranker: prefill tokens/s and Rank latency (cold, history cached; per thread count),
     /// memory, and one-pass scoring against generating the ranked list (PNG plot).
     Ranker(ranker::RankerBenchArgs),
+    /// Open-loop rate sweeps against a running cluster, retriever-only and two-stage, with the
+    /// ranker's queue depth against load (PNG plot).
+    Replay(replay::ReplayBenchArgs),
 }
 
 pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
@@ -28,6 +32,7 @@ pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Gateway(args) => gateway::run(layers, args).await,
         BenchCommand::Retriever(args) => retriever::run(layers, args).await,
         BenchCommand::Ranker(args) => ranker::run(layers, args).await,
+        BenchCommand::Replay(args) => replay::run(layers, args).await,
     }
 }
 
