@@ -71,10 +71,18 @@ pub async fn serve_until(
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
         conn.and_then(|socket| socket.set_nodelay(true).map(|()| socket))
     });
+    // tonic drops `incoming` (closing the listening socket: new connections are refused) as
+    // soon as `drain` resolves, sends GOAWAY on open connections (new calls on them are refused,
+    // calls in flight continue) and resolves once every connection has closed.
     let server = router.serve_with_incoming_shutdown(incoming, drain);
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result,
+        result = &mut server => {
+            if result.is_ok() {
+                tracing::info!("drained: every in-flight request finished");
+            }
+            result
+        }
         _ = async {
             if draining_rx.await.is_ok() {
                 tokio::time::sleep(grace).await;
@@ -110,6 +118,9 @@ pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
     Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
 }
 
+/// How long the runtime waits for its tasks when `serve` has returned.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+
 /// Command line of every service binary.
 #[derive(clap::Parser)]
 struct ServiceArgs {
@@ -126,11 +137,15 @@ where
 {
     let args = <ServiceArgs as clap::Parser>::parse();
     let result = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|runtime| {
-        runtime.block_on(async {
+        let result = runtime.block_on(async {
             let layers = ConfigLayers::discover(args.config.as_deref())?;
             init_tracing(&layers.section::<TelemetryConfig>()?);
             serve(layers).await
-        })
+        });
+        // Dropping a runtime waits for every blocking task still running; after the grace
+        // period the process must exit even if one is stuck.
+        runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+        result
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

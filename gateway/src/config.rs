@@ -36,11 +36,15 @@ pub struct RankerEndpoints {
     pub resolve_interval_ms: u64,
     /// After a failed call an endpoint is avoided for this long, unless all are.
     pub eject_ms: u64,
+    /// Most Rank calls this gateway has in flight to one endpoint; when every endpoint is at
+    /// its limit, Recommend skips the ranker (degraded, reason OVERLOAD) instead of queueing.
+    /// Keep it at or below the ranker's `queue_capacity` divided by the gateway replicas.
+    pub max_in_flight_per_endpoint: usize,
 }
 
 impl Default for RankerEndpoints {
     fn default() -> Self {
-        Self { addresses: vec!["127.0.0.1:50052".into()], dns: None, resolve_interval_ms: 5_000, eject_ms: 2_000 }
+        Self { addresses: vec!["127.0.0.1:50052".into()], dns: None, resolve_interval_ms: 5_000, eject_ms: 2_000, max_in_flight_per_endpoint: 32 }
     }
 }
 
@@ -97,6 +101,10 @@ pub struct GatewayConfig {
     pub cache_entries: usize,
     /// History cache: how long an entry is trusted (other replicas may have appended).
     pub cache_ttl_ms: u64,
+    /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
+    /// long to finish before the process exits anyway (keep Kubernetes'
+    /// terminationGracePeriodSeconds above it).
+    pub shutdown_grace_ms: u64,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
     pub traffic: crate::traffic::TrafficConfig,
 }
@@ -126,6 +134,7 @@ impl Default for GatewayConfig {
             min_rank_budget_ms: 20,
             cache_entries: 100_000,
             cache_ttl_ms: 30_000,
+            shutdown_grace_ms: 10_000,
             traffic: crate::traffic::TrafficConfig::default(),
         }
     }
@@ -150,6 +159,9 @@ impl Section for GatewayConfig {
         }
         if self.max_in_flight == 0 {
             return err("max_in_flight", "must be at least 1");
+        }
+        if self.rankers.max_in_flight_per_endpoint == 0 {
+            return err("rankers.max_in_flight_per_endpoint", "must be at least 1");
         }
         if self.rankers.addresses.is_empty() && self.rankers.dns.is_none() {
             // Allowed: the gateway then serves the retriever's order, flagged as degraded.

@@ -1,7 +1,9 @@
 //! Client-side balancing over ranker pods: power of two choices on in-flight requests, with
 //! endpoints that failed recently avoided for a while, and the endpoint set refreshed from DNS
 //! (a Kubernetes headless Service resolves to one address per ready pod), so new pods get
-//! traffic without a restart.
+//! traffic without a restart. Each endpoint takes at most `max_in_flight_per_endpoint` requests
+//! from this gateway at once; beyond that the caller skips the ranker (degraded, overload)
+//! instead of queueing behind it.
 
 use crate::config::RankerEndpoints;
 use llamarec_proto::v1::ranker_client::RankerClient;
@@ -46,11 +48,25 @@ impl Drop for Lease {
     }
 }
 
+/// Why no endpoint could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// No endpoint is configured or resolved.
+    Empty,
+    /// Every usable endpoint already has `limit` requests from this gateway in flight.
+    AtCapacity {
+        /// The configured per-endpoint limit.
+        limit: usize,
+    },
+}
+
 /// The set of ranker endpoints.
 pub struct RankerPool {
     endpoints: RwLock<Vec<Arc<RankerEndpoint>>>,
     epoch: Instant,
     eject: Duration,
+    /// Most requests in flight to one endpoint.
+    limit: usize,
 }
 
 fn connect_lazy(address: &str) -> Result<RankerClient<Channel>, tonic::transport::Error> {
@@ -66,7 +82,12 @@ fn connect_lazy(address: &str) -> Result<RankerClient<Channel>, tonic::transport
 impl RankerPool {
     /// A pool over the static addresses (DNS refresh is started separately).
     pub fn new(config: &RankerEndpoints) -> Result<Arc<Self>, tonic::transport::Error> {
-        let pool = Arc::new(Self { endpoints: RwLock::new(Vec::new()), epoch: Instant::now(), eject: Duration::from_millis(config.eject_ms) });
+        let pool = Arc::new(Self {
+            endpoints: RwLock::new(Vec::new()),
+            epoch: Instant::now(),
+            eject: Duration::from_millis(config.eject_ms),
+            limit: config.max_in_flight_per_endpoint.max(1),
+        });
         pool.set_addresses(config.addresses.iter().cloned().collect())?;
         Ok(pool)
     }
@@ -105,26 +126,35 @@ impl RankerPool {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Picks an endpoint: two at random, the one with fewer requests in flight; endpoints that
-    /// failed recently only when every endpoint did. None when the pool is empty.
-    pub fn pick(&self) -> Option<Lease> {
+    /// Picks an endpoint: two at random among those below their in-flight limit, the one with
+    /// fewer requests in flight; endpoints that failed recently only when every endpoint did.
+    /// The claim is taken atomically, so concurrent picks never exceed the limit.
+    pub fn pick(&self) -> Result<Lease, PickError> {
         let endpoints = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
         let now = self.now_ms();
         let healthy: Vec<&Arc<RankerEndpoint>> = endpoints.iter().filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) <= now).collect();
-        let candidates: Vec<&Arc<RankerEndpoint>> = if healthy.is_empty() { endpoints.iter().collect() } else { healthy };
-        let chosen = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
-                let mut rng = rand::thread_rng();
-                let a = rng.gen_range(0..n);
-                let b = (a + rng.gen_range(1..n)) % n;
-                let (x, y) = (candidates[a], candidates[b]);
-                if y.in_flight.load(Ordering::Relaxed) < x.in_flight.load(Ordering::Relaxed) { y } else { x }
+        let mut candidates: Vec<&Arc<RankerEndpoint>> = if healthy.is_empty() { endpoints.iter().collect() } else { healthy };
+        if candidates.is_empty() {
+            return Err(PickError::Empty);
+        }
+        loop {
+            candidates.retain(|e| e.in_flight.load(Ordering::Relaxed) < self.limit);
+            let chosen = match candidates.len() {
+                0 => return Err(PickError::AtCapacity { limit: self.limit }),
+                1 => candidates[0],
+                n => {
+                    let mut rng = rand::thread_rng();
+                    let a = rng.gen_range(0..n);
+                    let b = (a + rng.gen_range(1..n)) % n;
+                    let (x, y) = (candidates[a], candidates[b]);
+                    if y.in_flight.load(Ordering::Relaxed) < x.in_flight.load(Ordering::Relaxed) { y } else { x }
+                }
+            };
+            // Another request may have taken the last place since the check: then look again.
+            if chosen.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < self.limit).then_some(n + 1)).is_ok() {
+                return Ok(Lease { endpoint: chosen.clone() });
             }
-        };
-        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { endpoint: chosen.clone() })
+        }
     }
 
     /// Marks the lease's endpoint as failing: avoided for the configured ejection time.
@@ -194,7 +224,7 @@ mod tests {
         let other = p.pick().unwrap();
         p.report_failure(&other);
         drop(other);
-        assert!(p.pick().is_some(), "all ejected: still pick one rather than fail");
+        assert!(p.pick().is_ok(), "all ejected: still pick one rather than fail");
     }
 
     #[tokio::test]
@@ -205,7 +235,30 @@ mod tests {
         assert_eq!(p.addresses(), ["127.0.0.1:1", "127.0.0.1:3"]);
         drop(lease);
         p.set_addresses(BTreeSet::new()).unwrap();
-        assert!(p.pick().is_none());
+        assert_eq!(p.pick().err(), Some(PickError::Empty));
+    }
+
+    #[tokio::test]
+    async fn endpoints_take_at_most_their_in_flight_limit() {
+        let p = RankerPool::new(&RankerEndpoints {
+            addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            max_in_flight_per_endpoint: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let held: Vec<Lease> = (0..4).map(|_| p.pick().unwrap()).collect();
+        assert_eq!(held.iter().filter(|l| l.address() == "127.0.0.1:1").count(), 2);
+        assert_eq!(p.pick().err(), Some(PickError::AtCapacity { limit: 2 }), "both endpoints full");
+        drop(held);
+        assert!(p.pick().is_ok(), "places are given back when leases drop");
+
+        // Concurrent picks never overshoot the limit.
+        let p = RankerPool::new(&RankerEndpoints { addresses: vec!["127.0.0.1:1".into()], max_in_flight_per_endpoint: 3, ..Default::default() }).unwrap();
+        let leases: Vec<Option<Lease>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16).map(|_| s.spawn(|| p.pick().ok())).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(leases.iter().flatten().count(), 3);
     }
 
     #[tokio::test]

@@ -18,8 +18,6 @@ use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 
-/// Shutdown grace period when the configuration does not say.
-const GRACE: Duration = Duration::from_secs(10);
 
 async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
     Ok(match config {
@@ -92,6 +90,6 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
         .add_service(GatewayServer::new(service));
     tracing::info!(listen = %listener.local_addr()?, retriever = %config.retriever, rankers = ?config.rankers.addresses, "gateway serving");
-    serving::serve_until(router, listener, health, GRACE, shutdown).await?;
+    serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use crate::deadline::{parse_grpc_timeout, Deadline};
 use crate::error::GatewayError;
 use crate::history::{HistoryCache, HistoryStore, StoredEvent};
 use crate::merge::{log_softmax, merge, Merged, Ranked, Retrieved};
-use crate::ranker_pool::RankerPool;
+use crate::ranker_pool::{PickError, RankerPool};
 use crate::validate;
 use llamarec_proto::v1::gateway_server::Gateway;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
@@ -128,8 +128,18 @@ impl<S: HistoryStore> GatewayService<S> {
                 detail: format!("only {} ms of the deadline left for the ranker", budget.as_millis()),
             });
         }
-        let Some(lease) = self.rankers.pick() else {
-            return Err(Degraded { reason: DegradedReason::NoRanker, detail: "no ranker endpoint configured or resolved".into() });
+        let lease = match self.rankers.pick() {
+            Ok(lease) => lease,
+            Err(PickError::Empty) => {
+                return Err(Degraded { reason: DegradedReason::NoRanker, detail: "no ranker endpoint configured or resolved".into() })
+            }
+            // Beyond the rankers' capacity: answer at once in retriever order rather than queue.
+            Err(PickError::AtCapacity { limit }) => {
+                return Err(Degraded {
+                    reason: DegradedReason::Overload,
+                    detail: format!("every ranker endpoint has {limit} requests from this gateway in flight (rankers.max_in_flight_per_endpoint); ranker skipped"),
+                })
+            }
         };
         let skip = history.len().saturating_sub(self.config.prompt_history as usize);
         let history_titles = history[skip..].iter().filter_map(|id| self.catalog.title(id).map(str::to_string)).collect();

@@ -22,8 +22,6 @@ use crate::ranker::Ranker;
 use crate::service::{self, ModelInfo, RankQueue, RankerService};
 use crate::service_config::{DeviceSpec, RankerServiceConfig};
 
-/// Shutdown grace period.
-const GRACE: Duration = Duration::from_secs(10);
 /// How often the resident-memory gauge is refreshed.
 const MEMORY_REPORT_PERIOD: Duration = Duration::from_secs(5);
 
@@ -225,6 +223,6 @@ pub async fn run_with(
         device = %config.device,
         "ranker serving"
     );
-    serving::serve_until(router, listener, health, GRACE, shutdown).await?;
+    serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
     Ok(())
 }

@@ -49,6 +49,9 @@ pub struct RankerServiceConfig {
     pub history_cache_bytes: usize,
     /// Longest prompt accepted, in tokens; default: the model's context length.
     pub max_prompt_tokens: Option<usize>,
+    /// On SIGTERM: health goes NOT_SERVING, the listener closes, queued and computing requests
+    /// get this long to finish before the process exits anyway.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for RankerServiceConfig {
@@ -73,6 +76,7 @@ impl Default for RankerServiceConfig {
             // 2 x 3 heads x 64 x 4 bytes = 46 KB per token, ~330 tokens).
             history_cache_bytes: 256 << 20,
             max_prompt_tokens: None,
+            shutdown_grace_ms: 10_000,
         }
     }
 }

@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-/// Shutdown grace period.
-const GRACE: Duration = Duration::from_secs(10);
 
 /// Name and content hash (first 12 hex digits of the SHA-256 of `model.safetensors`).
 pub fn model_version(checkpoint: &Path) -> anyhow::Result<ModelVersion> {
@@ -89,6 +87,6 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
         items = num_items,
         "retriever serving"
     );
-    serving::serve_until(router, listener, health, GRACE, shutdown).await?;
+    serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
     Ok(())
 }

@@ -24,6 +24,9 @@ pub struct RetrieverServiceConfig {
     pub max_history: u32,
     /// Requests computed or queued at once; the next one is refused with RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
+    /// long to finish before the process exits anyway.
+    pub shutdown_grace_ms: u64,
     /// Training recipe for `llamarec train retriever`.
     pub train: TrainConfig,
 }
@@ -37,6 +40,7 @@ impl Default for RetrieverServiceConfig {
             max_k: 200,
             max_history: 1000,
             max_in_flight: 64,
+            shutdown_grace_ms: 10_000,
             train: TrainConfig::default(),
         }
     }
