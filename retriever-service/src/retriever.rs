@@ -18,6 +18,10 @@ const PARALLEL_SCORING_MIN_ITEMS: usize = 100_000;
 /// (exact f32 results, a quarter of the memory traffic; see [`crate::quantized`]).
 pub const QUANTIZED_SCORING_MIN_ITEMS: usize = 100_000;
 
+/// Largest catalog (items × embedding dimension multiply-adds, ~50 µs) that
+/// [`Retriever::retrieve_if_cheap`] scores on the caller's thread.
+const CHEAP_SCORING_MAX_MACS: usize = 1 << 19;
+
 /// Items re-scored in f32 after the int8 scan (at least k).
 const SHORTLIST: usize = 256;
 
@@ -123,6 +127,21 @@ impl Retriever {
         Ok(self.retrieve_for_state(&state, if exclude_history { history } else { &[] }, k))
     }
 
+    /// [`Retriever::retrieve`], but only when it is cheap: the history's state is cached (no
+    /// recurrence to run) and the catalog is small enough to score in tens of microseconds.
+    /// A server answers these on its async threads; a hand-off to a blocking thread would cost
+    /// more than the work. `None`: not cheap, nothing computed.
+    pub fn retrieve_if_cheap(&self, history: &[u32], k: usize, exclude_history: bool) -> Option<Retrieval> {
+        let config = self.encoder.config();
+        if history.is_empty() || self.catalog.num_items() * config.embed_dim > CHEAP_SCORING_MAX_MACS {
+            return None;
+        }
+        let window = &history[history.len().saturating_sub(config.max_len)..];
+        let state = self.states.as_ref()?.get(window)?;
+        metrics::counter!("llamarec_retriever_state_cache_total", "outcome" => "hit").increment(1);
+        Some(self.retrieve_for_state(&state, if exclude_history { history } else { &[] }, k))
+    }
+
     /// The `k` best items for a state already computed (e.g. kept between requests and advanced
     /// with [`Encoder::push`]), leaving out `excluded`.
     pub fn retrieve_for_state(&self, state: &UserState, excluded: &[u32], k: usize) -> Retrieval {
@@ -143,5 +162,37 @@ impl Retriever {
             None => top_k(query, embedding, bias, k, excluded, self.scoring_threads),
         };
         Retrieval { candidates, source: CandidateSource::Model }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::CatalogItem;
+    use crate::encoder::tests::small_model;
+
+    fn retriever(cache_bytes: u64) -> Retriever {
+        let model = small_model(3);
+        let encoder = Encoder::new(&model.config, &model.tensors()).unwrap();
+        let items = (0..=model.config.num_items)
+            .map(|i| CatalogItem { id: if i == 0 { String::new() } else { format!("i{i}") }, title: format!("Title {i}"), train_count: i as u32 })
+            .collect();
+        Retriever::new(encoder, Catalog::new(items)).with_state_cache(cache_bytes)
+    }
+
+    #[test]
+    fn cheap_retrievals_are_only_those_with_a_cached_state_and_equal_the_full_path() {
+        let cached = retriever(1 << 20);
+        let history = [3, 9, 27, 4, 4, 12];
+        assert_eq!(cached.retrieve_if_cheap(&history, 5, true), None, "nothing cached yet");
+        let full = cached.retrieve(&history, 5, true).unwrap();
+        let cheap = cached.retrieve_if_cheap(&history, 5, true).expect("cached after the first retrieval");
+        assert_eq!(cheap, full);
+        assert!(cheap.candidates.iter().all(|c| !history.contains(&c.item)), "history excluded");
+        assert_eq!(cached.retrieve_if_cheap(&history[..5], 5, true), None, "a different window");
+        assert_eq!(cached.retrieve_if_cheap(&[], 5, true), None, "popularity goes the usual way");
+        let uncached = retriever(0);
+        uncached.retrieve(&history, 5, true).unwrap();
+        assert_eq!(uncached.retrieve_if_cheap(&history, 5, true), None, "no cache, never cheap");
     }
 }

@@ -122,6 +122,14 @@ impl StateCache {
         Ok((state, self.count(Outcome::Miss)))
     }
 
+    /// The state after exactly `window` if it is cached (counted as a hit); never computes.
+    pub fn get(&self, window: &[u32]) -> Option<UserState> {
+        let key = prefix_hashes(window)[window.len()];
+        let entry = self.entries.get(&key).filter(|e| *e.window == *window)?;
+        self.count(Outcome::Hit);
+        Some(entry.state.clone())
+    }
+
     /// Counts since start.
     pub fn stats(&self) -> Stats {
         let [hits, extended, misses] = &self.counts;
