@@ -82,7 +82,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayArgs) -> Result<()> {
         deadline: args.deadline_ms.map(Duration::from_millis),
     };
     eprintln!("{} requests from {}", traffic.len(), args.traffic.display());
-    let report = run_with_progress(&traffic, &options).await?;
+    let report = run_with_progress(&traffic, &options, Arc::new(Progress::default())).await?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
         crate::commands::bench::write_json(path, &serde_json::to_value(&report)?)?;
@@ -91,8 +91,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayArgs) -> Result<()> {
 }
 
 /// Runs the replay with a progress line on stderr (hidden when stderr is not a terminal).
-pub async fn run_with_progress(traffic: &[gateway::traffic::TrafficRecord], options: &ReplayOptions) -> Result<Report> {
-    let progress = Arc::new(Progress::default());
+pub async fn run_with_progress(traffic: &[gateway::traffic::TrafficRecord], options: &ReplayOptions, progress: Arc<Progress>) -> Result<Report> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} due · {msg}")?.progress_chars("=> "));
     let ticker = {

@@ -38,9 +38,11 @@ pub struct ReplayBenchArgs {
     /// Seconds per two-stage step.
     #[arg(long, default_value_t = 40.0)]
     two_stage_step_s: f64,
-    /// gRPC deadline of every request.
-    #[arg(long, default_value_t = 5_000)]
-    deadline_ms: u64,
+    /// gRPC deadline of every request (default: none sent, so the gateway applies its
+    /// `default_deadline_ms` and answers degraded when the ranker runs out of it; a client
+    /// deadline equal to the gateway's would race the degraded answer).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
     /// Connections to the gateway.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -101,7 +103,7 @@ async fn step(users: &[String], skip_ranker: bool, rate: f64, seconds: f64, seed
         connections: args.connections,
         schedule: Schedule::Recorded { speed: 1.0 },
         max_outstanding: args.max_outstanding,
-        deadline: Some(Duration::from_millis(args.deadline_ms)),
+        deadline: args.deadline_ms.map(Duration::from_millis),
     };
     let progress = Arc::new(Progress::default());
     let sampler = {
@@ -122,7 +124,7 @@ async fn step(users: &[String], skip_ranker: bool, rate: f64, seconds: f64, seed
             }
         })
     };
-    let report = crate::commands::replay::run_with_progress(&traffic, &options).await;
+    let report = crate::commands::replay::run_with_progress(&traffic, &options, progress).await;
     let (queue_depth, in_flight) = tokio::time::timeout(Duration::from_secs(5), sampler).await.map(|r| r.unwrap_or_default()).unwrap_or_default();
     Ok(Step { report: report?, queue_depth, in_flight })
 }
@@ -183,7 +185,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayBenchArgs) -> Result<()> {
         connections: args.connections,
         schedule: Schedule::Recorded { speed: 1.0 },
         max_outstanding: args.max_outstanding,
-        deadline: Some(Duration::from_millis(args.deadline_ms)),
+        deadline: args.deadline_ms.map(Duration::from_millis),
     };
     let w = gateway::replay::run(&warm, &warm_options, Arc::new(Progress::default())).await?;
     if w.errors > 0 {
