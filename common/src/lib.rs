@@ -2,6 +2,7 @@
 //! metrics, the layered configuration, asset fetching and telemetry set-up.
 
 pub mod assets;
+pub mod auth;
 pub mod config;
 pub mod data;
 pub mod metrics;

@@ -93,7 +93,7 @@ pub struct GatewayConfig {
     pub default_deadline_ms: u64,
     /// Share of the remaining deadline the retriever may use.
     pub retrieve_budget_ms: u64,
-    /// Time kept back from the deadline for merging and sending the answer.
+    /// Time kept back from the deadline for merging and sending the answer: at least this...
     pub reserve_ms: u64,
     /// Below this much remaining time the ranker is not even called (degraded, timeout).
     pub min_rank_budget_ms: u64,
@@ -105,6 +105,21 @@ pub struct GatewayConfig {
     /// long to finish before the process exits anyway (keep Kubernetes'
     /// terminationGracePeriodSeconds above it).
     pub shutdown_grace_ms: u64,
+    /// Longest accepted item id, in bytes.
+    pub max_item_id_len: usize,
+    /// Largest gRPC message decoded, in bytes: requests from callers, and answers from the
+    /// retriever and the rankers.
+    pub max_message_bytes: usize,
+    /// TLS on the listener (`[gateway.tls]`: cert, key, optional client_ca for mutual TLS);
+    /// absent: plaintext.
+    pub tls: Option<llamarec_common::auth::TlsConfig>,
+    /// Bearer tokens callers must send (`[gateway.auth]`: tokens, tokens_file); none: open.
+    /// grpc.health.v1 never needs one.
+    pub auth: llamarec_common::auth::AuthConfig,
+    /// Token sent to the retriever and the rankers (their `auth_token`).
+    pub backend_token: Option<String>,
+    /// A file holding `backend_token` (e.g. a mounted Kubernetes Secret).
+    pub backend_token_file: Option<PathBuf>,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
     pub traffic: crate::traffic::TrafficConfig,
 }
@@ -135,6 +150,12 @@ impl Default for GatewayConfig {
             cache_entries: 100_000,
             cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,
+            max_item_id_len: 128,
+            max_message_bytes: 4 << 20,
+            tls: None,
+            auth: llamarec_common::auth::AuthConfig::default(),
+            backend_token: None,
+            backend_token_file: None,
             traffic: crate::traffic::TrafficConfig::default(),
         }
     }
@@ -172,6 +193,18 @@ impl Section for GatewayConfig {
         }
         if self.max_history == 0 {
             return err("max_history", "must be at least 1");
+        }
+        for (key, value) in [("max_user_id_len", self.max_user_id_len), ("max_item_id_len", self.max_item_id_len), ("max_events_per_call", self.max_events_per_call)] {
+            if value == 0 {
+                return err(key, "must be at least 1");
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return err("max_message_bytes", "must be at least 1024");
+        }
+        self.auth.validate("auth.")?;
+        if let Some(t) = &self.backend_token {
+            llamarec_common::auth::check_token(t).map_err(|e| ("backend_token".to_string(), e))?;
         }
         self.traffic.validate()?;
         Ok(())

@@ -34,6 +34,12 @@ impl Deadline {
         Self { start, end: start + timeout, reserve }
     }
 
+    /// A caller's deadline: `timeout` after `start`, keeping back the larger of `reserve_min`
+    /// and `reserve_fraction` of the timeout.
+    pub fn for_caller(start: Instant, timeout: Duration, reserve_min: Duration, reserve_fraction: f64) -> Self {
+        Self::new(start, timeout, reserve_min.max(timeout.mul_f64(reserve_fraction)))
+    }
+
     /// Time left for stage work, after the reserve.
     pub fn remaining(&self) -> Duration {
         self.end.saturating_duration_since(Instant::now()).saturating_sub(self.reserve)
@@ -68,5 +74,15 @@ mod tests {
         assert!(d.remaining() <= Duration::from_millis(70));
         let past = Deadline::new(Instant::now() - Duration::from_secs(1), Duration::from_millis(10), Duration::ZERO);
         assert_eq!(past.remaining(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_reserve_grows_with_the_callers_deadline() {
+        let now = Instant::now();
+        let short = Deadline::for_caller(now, Duration::from_millis(20), Duration::from_millis(2), 0.05);
+        assert_eq!(short.reserve, Duration::from_millis(2), "the minimum wins on short deadlines");
+        let long = Deadline::for_caller(now, Duration::from_secs(5), Duration::from_millis(2), 0.05);
+        assert_eq!(long.reserve, Duration::from_millis(250));
+        assert!(long.remaining() <= Duration::from_millis(4_750));
     }
 }

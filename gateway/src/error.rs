@@ -30,6 +30,13 @@ pub enum GatewayError {
 
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
+        // The retriever refusing the gateway's own credentials is a deployment error, not the
+        // caller's: never UNAUTHENTICATED (the caller would blame its own token).
+        if let GatewayError::Retriever { status, .. } = &e {
+            if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) {
+                return Status::internal(format!("{e} (the gateway's backend_token does not match the retriever's auth_token)"));
+            }
+        }
         let code = match &e {
             GatewayError::InvalidArgument(_) => Code::InvalidArgument,
             GatewayError::Overloaded(_) => Code::ResourceExhausted,

@@ -8,7 +8,7 @@ use crate::service::GatewayService;
 use anyhow::Context;
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset};
-use llamarec_common::serving;
+use llamarec_common::{auth, serving};
 use llamarec_proto::v1::gateway_server::GatewayServer;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use std::future::Future;
@@ -53,7 +53,12 @@ pub async fn serve(layers: &ConfigLayers) -> anyhow::Result<()> {
 
 /// Loads everything and serves on `listener` until `shutdown` resolves.
 pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let config = Arc::new(layers.section::<GatewayConfig>()?);
+    let mut config = layers.section::<GatewayConfig>()?;
+    // Access settings first, so a bad certificate or token file stops the start at once.
+    config.backend_token = auth::resolve_secret("gateway.backend_token", config.backend_token.as_deref(), config.backend_token_file.as_deref())?;
+    let bearer = config.auth.build("gateway").context("gateway.auth")?;
+    let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("gateway.tls")?;
+    let config = Arc::new(config);
     let assets = layers.section::<AssetsConfig>()?;
     let data = layers.section::<DataConfig>()?;
     let dataset = Dataset::load(&data, &assets.dir).with_context(|| format!("loading the catalog from data set {}", data.name))?;
@@ -71,7 +76,8 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .connect_lazy(),
-    );
+    )
+    .max_decoding_message_size(config.max_message_bytes);
     let rankers = RankerPool::new(&config.rankers)?;
     if let Some(dns) = config.rankers.dns.clone() {
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
@@ -85,10 +91,16 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("gateway.tls")?;
+    }
+    // Health stays open for probes; everything else needs a token when tokens are configured.
+    let router = builder
         .add_service(health_service)
-        .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
-        .add_service(GatewayServer::new(service));
+        .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
+        .add_service(bearer.wrap(GatewayServer::new(service).max_decoding_message_size(config.max_message_bytes)));
+    tracing::info!(tls = config.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), bearer_auth = bearer.is_enabled(), "gateway access");
     tracing::info!(listen = %listener.local_addr()?, retriever = %config.retriever, rankers = ?config.rankers.addresses, "gateway serving");
     serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
     Ok(())

@@ -73,22 +73,10 @@ impl<S: HistoryStore> GatewayService<S> {
             .collect()
     }
 
-    /// The history to recommend from: inline, or stored after appending the request's events.
+    /// The history to recommend from: inline, or stored after appending the request's events
+    /// (the request passed [`validate::recommend`]).
     async fn history(&self, req: &RecommendRequest) -> Result<Vec<String>, GatewayError> {
         if let Some(inline) = &req.inline_history {
-            if !req.append_events.is_empty() {
-                return Err(GatewayError::InvalidArgument(
-                    "append_events: cannot be combined with inline_history, which leaves the stored history untouched".into(),
-                ));
-            }
-            if inline.item_ids.len() > self.config.max_inline_history {
-                return Err(GatewayError::InvalidArgument(format!(
-                    "inline_history.item_ids: {} items, at most {} allowed",
-                    inline.item_ids.len(),
-                    self.config.max_inline_history
-                )));
-            }
-            validate::item_ids(&self.catalog, "inline_history.item_ids", inline.item_ids.iter().map(String::as_str))?;
             return Ok(inline.item_ids.clone());
         }
         if !req.append_events.is_empty() {
@@ -106,6 +94,7 @@ impl<S: HistoryStore> GatewayService<S> {
         let mut request = Request::new(RetrieveRequest { history: history.to_vec(), k: want as u32, exclude_history: true });
         request.set_timeout(budget);
         with_request_id(&mut request, request_id);
+        llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
         let mut client = self.retriever.clone();
         let call = tokio::time::timeout(budget, client.retrieve(request));
         let address = self.config.retriever.clone();
@@ -147,7 +136,8 @@ impl<S: HistoryStore> GatewayService<S> {
         let mut request = Request::new(RankRequest { history_titles, candidate_titles });
         request.set_timeout(budget);
         with_request_id(&mut request, request_id);
-        let mut client = lease.client();
+        llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
+        let mut client = lease.client().max_decoding_message_size(self.config.max_message_bytes);
         let outcome = tokio::time::timeout(budget, client.rank(request)).await;
         let response = match outcome {
             Ok(Ok(r)) => {
@@ -240,11 +230,8 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let req = request.into_inner();
         tracing::Span::current().record("request_id", request_id.as_str()).record("user_id", req.user_id.as_str());
 
-        validate::user_id(&self.config, &req.user_id)?;
-        let k = validate::k(&self.config, req.k)?;
-        validate::events(&self.config, &self.catalog, "append_events", &req.append_events)?;
+        let validate::RecommendPlan { k, num_candidates: n } = validate::recommend(&self.config, &self.catalog, &req)?;
         let options = req.options.unwrap_or_default();
-        let n = validate::num_candidates(&self.config, options.num_candidates)?;
 
         let mut history = self.history(&req).await?;
         let history_us = micros(start.elapsed());
@@ -300,11 +287,7 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
     async fn append_events(&self, request: Request<AppendEventsRequest>) -> Result<Response<AppendEventsResponse>, Status> {
         let _permit = self.admit()?;
         let req = request.into_inner();
-        validate::user_id(&self.config, &req.user_id)?;
-        if req.events.is_empty() {
-            return Err(GatewayError::InvalidArgument("events: at least one event is required".into()).into());
-        }
-        validate::events(&self.config, &self.catalog, "events", &req.events)?;
+        validate::append_events(&self.config, &self.catalog, &req)?;
         let history_length = self.histories.append(&req.user_id, &Self::stored_events(&req.events)).await.map_err(GatewayError::from)?;
         Ok(Response::new(AppendEventsResponse { history_length }))
     }
@@ -313,7 +296,7 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
     async fn get_history(&self, request: Request<GetHistoryRequest>) -> Result<Response<GetHistoryResponse>, Status> {
         let _permit = self.admit()?;
         let req = request.into_inner();
-        validate::user_id(&self.config, &req.user_id)?;
+        validate::get_history(&self.config, &req)?;
         let (events, _) = self.histories.read(&req.user_id).await.map_err(GatewayError::from)?;
         let skip = if req.limit == 0 { 0 } else { events.len().saturating_sub(req.limit as usize) };
         let events = events[skip..].iter().map(|e| Event { item_id: e.item_id.clone(), timestamp_ms: e.timestamp_ms }).collect();

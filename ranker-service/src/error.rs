@@ -35,10 +35,10 @@ pub enum RankerError {
     #[error("invalid prompt template: {0}")]
     InvalidTemplate(String),
     /// The request has no candidates.
-    #[error("the candidate list is empty")]
+    #[error("candidate_titles is empty; at least one candidate is required")]
     NoCandidates,
     /// The request has more candidates than the template has index letters.
-    #[error("{given} candidates given but only {max} index letters are available")]
+    #[error("candidate_titles has {given} titles; the limit is {max} (the template's index letters)")]
     TooManyCandidates {
         /// Number of candidates in the request.
         given: usize,
@@ -46,15 +46,19 @@ pub enum RankerError {
         max: usize,
     },
     /// A history or candidate title is empty (after trimming).
-    #[error("{kind} title at index {index} is empty")]
+    #[error("{kind}_titles[{index}] is empty")]
     EmptyTitle {
         /// "history" or "candidate".
         kind: &'static str,
         /// Zero-based position in the request.
         index: usize,
     },
+    /// A request field is over a configured limit; the message names the field, its size and
+    /// the limit's key.
+    #[error("{0}")]
+    OverLimit(String),
     /// The rendered prompt is longer than the model's context (or the configured limit).
-    #[error("prompt of {tokens} tokens exceeds the context limit of {max} tokens")]
+    #[error("the prompt is {tokens} tokens; the limit is {max} ([ranker] max_prompt_tokens, else the model's context length)")]
     ContextOverflow {
         /// Prompt length in tokens.
         tokens: usize,
@@ -75,6 +79,7 @@ impl RankerError {
                 | Self::TooManyCandidates { .. }
                 | Self::EmptyTitle { .. }
                 | Self::ContextOverflow { .. }
+                | Self::OverLimit(_)
         )
     }
 }

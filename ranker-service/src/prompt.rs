@@ -222,7 +222,12 @@ impl PromptRenderer {
     ///
     /// Titles come from callers, but the prompt is tokenized with special tokens parsed (the
     /// templates use them), so the text of a special token (`<|im_end|>`, ...) in a title is
-    /// removed first: otherwise a title could end a chat turn or inject its own.
+    /// removed first: otherwise a title could end a chat turn or inject its own. Control
+    /// characters (newlines, tabs, ...) become spaces, so a title stays on its line and cannot
+    /// imitate the template's own lines (`\n\n### Response:\n`).
+    ///
+    /// The work is linear in the title's length (times the number of special tokens); the
+    /// service refuses titles over `[ranker] max_title_bytes` before they get here.
     pub fn truncate_title(&self, title: &str) -> Result<String> {
         let title = self.sanitize(title);
         let title = title.trim();
@@ -230,16 +235,24 @@ impl PromptRenderer {
         if ids.len() <= self.template.max_title_tokens {
             return Ok(title.to_string());
         }
-        let cut = self
-            .tokenizer
-            .decode(&ids[..self.template.max_title_tokens])?;
-        Ok(cut.trim_end_matches('\u{FFFD}').trim_end().to_string())
+        // The decoded cut usually re-tokenizes to the same ids; when a word or a character is
+        // split at the cut it can take more, so keep fewer until it fits.
+        let max = self.template.max_title_tokens;
+        let mut keep = max;
+        loop {
+            let cut = self.tokenizer.decode(&ids[..keep])?;
+            let cut = cut.trim_end_matches('\u{FFFD}').trim_end().to_string();
+            if keep <= 1 || self.tokenizer.encode(&cut)?.len() <= max {
+                return Ok(cut);
+            }
+            keep -= 1;
+        }
     }
 
     /// `text` without special-token texts; repeated because a removal can join the pieces of
     /// another one ("<|im_<|im_end|>end|>").
     fn sanitize(&self, text: &str) -> String {
-        let mut text = text.to_string();
+        let mut text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         while let Some(t) = self
             .special_texts
             .iter()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::{DType, Device};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
-use llamarec_common::serving;
+use llamarec_common::{auth, serving};
 use llamarec_proto::v1::ranker_server::RankerServer;
 use llamarec_proto::v1::ModelVersion;
 use sha2::{Digest, Sha256};
@@ -200,6 +200,8 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let bearer = auth::shared_token_auth("ranker", "ranker", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
+    auth::warn_if_exposed("ranker", listener.local_addr()?, &bearer);
     let (health, health_service) = serving::health();
     service::set_serving(&health, false).await;
     if let Some(addr) = config.metrics_listen {
@@ -209,11 +211,12 @@ pub async fn run_with(
     tokio::spawn(crate::metrics::report_resident_memory(MEMORY_REPORT_PERIOD));
     let loaded = load(&config, &assets).await?;
     let version = loaded.info.version.clone();
-    let service = RankerService::new(loaded.ranker, loaded.queue, loaded.info, health.clone());
+    let limits = service::RequestLimits::new(&config, loaded.ranker.renderer().template().letters.len());
+    let service = RankerService::new(loaded.ranker, loaded.queue, loaded.info, health.clone()).with_limits(limits);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
-        .add_service(RankerServer::new(service));
+        .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
+        .add_service(bearer.wrap(RankerServer::new(service).max_decoding_message_size(config.max_message_bytes)));
     service::set_serving(&health, true).await;
     tracing::info!(
         listen = %listener.local_addr()?,

@@ -89,6 +89,55 @@ pub struct ModelInfo {
     pub device: String,
 }
 
+/// Size limits on a Rank request, checked before anything is tokenized (`[ranker]`
+/// `max_title_bytes`, `max_history_titles`; the candidate count is bounded by the template's
+/// index letters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Longest title, in bytes.
+    pub max_title_bytes: usize,
+    /// Most history titles.
+    pub max_history_titles: usize,
+    /// Most candidates (the template's letters).
+    pub max_candidates: usize,
+}
+
+impl RequestLimits {
+    /// The limits of a `[ranker]` section for a template with `letters` index letters.
+    pub fn new(config: &crate::service_config::RankerServiceConfig, letters: usize) -> Self {
+        Self { max_title_bytes: config.max_title_bytes, max_history_titles: config.max_history_titles, max_candidates: letters }
+    }
+}
+
+/// Checks a request's counts and title sizes, cheapest first; the error names the field, its
+/// size and the limit's configuration key. Runs before tokenization, so an absurd title costs
+/// one length comparison.
+pub fn validate_request(req: &RankRequest, limits: &RequestLimits) -> Result<(), RankerError> {
+    if req.history_titles.len() > limits.max_history_titles {
+        return Err(RankerError::OverLimit(format!(
+            "history_titles is {} titles; the limit is {} ([ranker] max_history_titles)",
+            req.history_titles.len(),
+            limits.max_history_titles
+        )));
+    }
+    if req.candidate_titles.is_empty() {
+        return Err(RankerError::NoCandidates);
+    }
+    if req.candidate_titles.len() > limits.max_candidates {
+        return Err(RankerError::TooManyCandidates { given: req.candidate_titles.len(), max: limits.max_candidates });
+    }
+    for (field, titles) in [("history_titles", &req.history_titles), ("candidate_titles", &req.candidate_titles)] {
+        if let Some((i, t)) = titles.iter().enumerate().find(|(_, t)| t.len() > limits.max_title_bytes) {
+            return Err(RankerError::OverLimit(format!(
+                "{field}[{i}] is {} bytes; the limit is {} ([ranker] max_title_bytes)",
+                t.len(),
+                limits.max_title_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The service's state, shared by all requests.
 pub struct RankerService {
     ranker: Arc<Ranker>,
@@ -96,6 +145,7 @@ pub struct RankerService {
     info: ModelInfo,
     health: HealthReporter,
     rechecking: Arc<AtomicBool>,
+    limits: RequestLimits,
 }
 
 impl RankerService {
@@ -106,16 +156,26 @@ impl RankerService {
         info: ModelInfo,
         health: HealthReporter,
     ) -> Self {
+        let letters = ranker.renderer().template().letters.len();
+        let limits = RequestLimits { max_title_bytes: 1024, max_history_titles: 100, max_candidates: letters };
         Self {
             ranker,
             queue,
             info,
             health,
             rechecking: Arc::new(AtomicBool::new(false)),
+            limits,
         }
     }
 
+    /// Request size limits (default: 1024-byte titles, 100 history titles).
+    pub fn with_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     async fn rank_inner(&self, req: RankRequest) -> Result<RankResponse, ServiceError> {
+        validate_request(&req, &self.limits)?;
         let place = self.queue.reserve()?;
         let ranker = self.ranker.clone();
         let (job, tokenize) = tokio::task::spawn_blocking(move || {

@@ -49,6 +49,19 @@ pub struct RankerServiceConfig {
     pub history_cache_bytes: usize,
     /// Longest prompt accepted, in tokens; default: the model's context length.
     pub max_prompt_tokens: Option<usize>,
+    /// Longest title accepted in a request, in bytes (history and candidates). Titles are cut
+    /// to the template's 32 tokens anyway; this refuses absurd ones before tokenizing.
+    pub max_title_bytes: usize,
+    /// Most history titles a request may carry (only the template's last 20 are rendered).
+    pub max_history_titles: usize,
+    /// Largest gRPC request decoded, in bytes.
+    pub max_message_bytes: usize,
+    /// When set, every call except grpc.health.v1 must carry `authorization: Bearer <token>`
+    /// with this token (the gateway's `backend_token`). Environment:
+    /// `LLAMAREC_RANKER__AUTH_TOKEN`.
+    pub auth_token: Option<String>,
+    /// A file holding `auth_token` (e.g. a mounted Kubernetes Secret).
+    pub auth_token_file: Option<PathBuf>,
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, queued and computing requests
     /// get this long to finish before the process exits anyway.
     pub shutdown_grace_ms: u64,
@@ -76,6 +89,11 @@ impl Default for RankerServiceConfig {
             // 2 x 3 heads x 64 x 4 bytes = 46 KB per token, ~330 tokens).
             history_cache_bytes: 256 << 20,
             max_prompt_tokens: None,
+            max_title_bytes: 1024,
+            max_history_titles: 100,
+            max_message_bytes: 4 << 20,
+            auth_token: None,
+            auth_token_file: None,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -160,9 +178,19 @@ impl Section for RankerServiceConfig {
             ("max_batch_size", self.max_batch_size),
             ("max_batch_tokens", self.max_batch_tokens),
             ("queue_capacity", self.queue_capacity),
+            ("max_title_bytes", self.max_title_bytes),
+            ("max_history_titles", self.max_history_titles),
         ] {
             if value == 0 {
                 return err(key, "must be at least 1".into());
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return err("max_message_bytes", "must be at least 1024".into());
+        }
+        if let Some(t) = &self.auth_token {
+            if let Err(e) = llamarec_common::auth::check_token(t) {
+                return err("auth_token", e);
             }
         }
         if self.max_prompt_tokens == Some(0) {

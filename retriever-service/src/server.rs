@@ -6,7 +6,7 @@ use crate::service::{ModelInfo, RetrieverService};
 use crate::service_config::RetrieverServiceConfig;
 use anyhow::Context;
 use llamarec_common::config::ConfigLayers;
-use llamarec_common::serving;
+use llamarec_common::{auth, serving};
 use llamarec_proto::v1::retriever_server::RetrieverServer;
 use llamarec_proto::v1::ModelVersion;
 use sha2::{Digest, Sha256};
@@ -65,6 +65,8 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
 
 /// [`run`] with the section already read (the benchmark adjusts it first).
 pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let bearer = auth::shared_token_auth("retriever", "retriever", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
+    auth::warn_if_exposed("retriever", listener.local_addr()?, &bearer);
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::NotServing).await;
     let checkpoint = config.checkpoint.clone();
@@ -76,8 +78,8 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?)
-        .add_service(RetrieverServer::new(service));
+        .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
+        .add_service(bearer.wrap(RetrieverServer::new(service).max_decoding_message_size(config.max_message_bytes)));
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<RetrieverServer<RetrieverService>>().await;
     tracing::info!(

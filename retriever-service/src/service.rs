@@ -54,6 +54,7 @@ pub struct RetrieverService {
     info: ModelInfo,
     max_k: u32,
     max_history: u32,
+    max_item_id_len: usize,
     max_in_flight: usize,
     in_flight: Arc<Semaphore>,
 }
@@ -66,6 +67,7 @@ impl RetrieverService {
             info,
             max_k: config.max_k,
             max_history: config.max_history,
+            max_item_id_len: config.max_item_id_len,
             max_in_flight: config.max_in_flight,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
         }
@@ -73,15 +75,12 @@ impl RetrieverService {
 
     /// Dense indices of `req.history`, after checking k and the history against the limits.
     fn validate(&self, req: &RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
-        if req.k == 0 {
-            return Err(ServiceError::InvalidArgument("k: must be at least 1".into()));
-        }
-        if req.k > self.max_k {
-            return Err(ServiceError::InvalidArgument(format!("k: {} is above the maximum of {}", req.k, self.max_k)));
+        if req.k == 0 || req.k > self.max_k {
+            return Err(ServiceError::InvalidArgument(format!("k is {}; it must be within 1..={} ([retriever] max_k)", req.k, self.max_k)));
         }
         if req.history.len() > self.max_history as usize {
             return Err(ServiceError::InvalidArgument(format!(
-                "history: {} items, at most {} allowed",
+                "history is {} items; the limit is {} ([retriever] max_history)",
                 req.history.len(),
                 self.max_history
             )));
@@ -91,9 +90,14 @@ impl RetrieverService {
             .iter()
             .enumerate()
             .map(|(i, id)| {
-                catalog
-                    .index_of(id)
-                    .ok_or_else(|| ServiceError::InvalidArgument(format!("history[{i}]: unknown item id {id:?}")))
+                if id.len() > self.max_item_id_len {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "history[{i}] is {} bytes; the limit is {} ([retriever] max_item_id_len)",
+                        id.len(),
+                        self.max_item_id_len
+                    )));
+                }
+                catalog.index_of(id).ok_or_else(|| ServiceError::InvalidArgument(format!("history[{i}]: unknown item id {id:?}")))
             })
             .collect()
     }
@@ -103,13 +107,19 @@ impl RetrieverService {
         let history = self.validate(&req)?;
         let retriever = self.retriever.clone();
         let (k, exclude) = (req.k as usize, req.exclude_history);
-        let (retrieval, compute) = tokio::task::spawn_blocking(move || {
-            let start = Instant::now();
-            let retrieval = retriever.retrieve(&history, k, exclude);
-            (retrieval, start.elapsed())
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // A returning user on a small catalog costs tens of microseconds: answered here. Anything
+        // that runs the recurrence or scores a large catalog goes to the blocking pool.
+        let start = Instant::now();
+        let (retrieval, compute) = match retriever.retrieve_if_cheap(&history, k, exclude) {
+            Some(retrieval) => (Ok(retrieval), start.elapsed()),
+            None => tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
+                let retrieval = retriever.retrieve(&history, k, exclude);
+                (retrieval, start.elapsed())
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?,
+        };
         let retrieval = retrieval.map_err(|e| ServiceError::Internal(e.to_string()))?;
         metrics::histogram!("llamarec_retriever_compute_duration_seconds").record(compute.as_secs_f64());
         let catalog = self.retriever.catalog();

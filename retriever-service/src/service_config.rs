@@ -27,6 +27,16 @@ pub struct RetrieverServiceConfig {
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
     /// long to finish before the process exits anyway.
     pub shutdown_grace_ms: u64,
+    /// Longest item id accepted in a request's history, in bytes.
+    pub max_item_id_len: usize,
+    /// Largest gRPC request decoded, in bytes.
+    pub max_message_bytes: usize,
+    /// When set, every call except grpc.health.v1 must carry `authorization: Bearer <token>`
+    /// with this token (the gateway's `backend_token`). Environment:
+    /// `LLAMAREC_RETRIEVER__AUTH_TOKEN`.
+    pub auth_token: Option<String>,
+    /// A file holding `auth_token` (e.g. a mounted Kubernetes Secret).
+    pub auth_token_file: Option<PathBuf>,
     /// Training recipe for `llamarec train retriever`.
     pub train: TrainConfig,
 }
@@ -41,6 +51,10 @@ impl Default for RetrieverServiceConfig {
             max_history: 1000,
             max_in_flight: 64,
             shutdown_grace_ms: 10_000,
+            max_item_id_len: 128,
+            max_message_bytes: 4 << 20,
+            auth_token: None,
+            auth_token_file: None,
             train: TrainConfig::default(),
         }
     }
@@ -59,6 +73,15 @@ impl Section for RetrieverServiceConfig {
         }
         if self.max_in_flight == 0 {
             return err("max_in_flight", "must be at least 1");
+        }
+        if self.max_item_id_len == 0 {
+            return err("max_item_id_len", "must be at least 1");
+        }
+        if self.max_message_bytes < 1024 {
+            return err("max_message_bytes", "must be at least 1024");
+        }
+        if let Some(t) = &self.auth_token {
+            llamarec_common::auth::check_token(t).map_err(|e| ("auth_token".to_string(), e))?;
         }
         if self.train.batch_size == 0 {
             return err("train.batch_size", "must be at least 1");

@@ -26,7 +26,7 @@ async fn start() -> (Process, RetrieverClient<Channel>) {
     std::fs::write(
         &config,
         format!(
-            "[telemetry]\nlog_level = \"warn\"\n\n[retriever]\nlisten = \"{addr}\"\ncheckpoint = \"retriever-service/checkpoints/ml-100k\"\nmax_k = {MAX_K}\nmax_history = {MAX_HISTORY}\n"
+            "[telemetry]\nlog_level = \"warn\"\n\n[retriever]\nlisten = \"{addr}\"\ncheckpoint = \"retriever-service/checkpoints/ml-100k\"\nmax_k = {MAX_K}\nmax_history = {MAX_HISTORY}\nmax_message_bytes = 1048576\n"
         ),
     )
     .unwrap();
@@ -78,9 +78,10 @@ async fn retrieves_for_real_histories_and_rejects_bad_requests_by_name() {
 
     let cases = [
         (request(vec!["1".into(), "no-such-item".into()], 10), "\"no-such-item\""),
-        (request(history.clone(), 0), "k: must be at least 1"),
-        (request(history.clone(), MAX_K + 1), &format!("above the maximum of {MAX_K}") as &str),
-        (request(vec!["1".to_string(); MAX_HISTORY as usize + 1], 10), &format!("history: {} items, at most {MAX_HISTORY}", MAX_HISTORY + 1)),
+        (request(history.clone(), 0), &format!("k is 0; it must be within 1..={MAX_K} ([retriever] max_k)") as &str),
+        (request(history.clone(), MAX_K + 1), &format!("k is {}; it must be within 1..={MAX_K} ([retriever] max_k)", MAX_K + 1)),
+        (request(vec!["1".to_string(); MAX_HISTORY as usize + 1], 10), &format!("history is {} items; the limit is {MAX_HISTORY} ([retriever] max_history)", MAX_HISTORY + 1)),
+        (request(vec!["1".to_string(), "9".repeat(129)], 10), "history[1] is 129 bytes; the limit is 128 ([retriever] max_item_id_len)"),
     ];
     for (req, message) in cases {
         let status = client.retrieve(req).await.unwrap_err();
@@ -88,4 +89,8 @@ async fn retrieves_for_real_histories_and_rejects_bad_requests_by_name() {
         assert!(status.message().contains(message), "{:?} does not contain {message:?}", status.message());
     }
     assert!(client.retrieve(request(vec!["1".into(), "no-such-item".into()], 10)).await.unwrap_err().message().contains("history[1]"));
+    // A message over `max_message_bytes` (1 MiB here) is refused by the server before decoding.
+    let status = client.retrieve(request(vec!["1".repeat(2 << 20)], 10)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("the limit is: 1048576 bytes"), "{}", status.message());
 }
