@@ -95,6 +95,10 @@ pub struct GatewayConfig {
     pub retrieve_budget_ms: u64,
     /// Time kept back from the deadline for merging and sending the answer: at least this...
     pub reserve_ms: u64,
+    /// ...and at least this share of the caller's deadline, which also covers the time the
+    /// request spent before the gateway saw it (so that a degraded answer reaches the caller
+    /// before its deadline, instead of the caller giving up on a late one).
+    pub reserve_fraction: f64,
     /// Below this much remaining time the ranker is not even called (degraded, timeout).
     pub min_rank_budget_ms: u64,
     /// History cache: most users kept.
@@ -146,6 +150,7 @@ impl Default for GatewayConfig {
             default_deadline_ms: 5_000,
             retrieve_budget_ms: 200,
             reserve_ms: 2,
+            reserve_fraction: 0.05,
             min_rank_budget_ms: 20,
             cache_entries: 100_000,
             cache_ttl_ms: 30_000,
@@ -168,6 +173,9 @@ impl Section for GatewayConfig {
         let err = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
         if !(0.0..=1.0).contains(&self.ranker_weight) {
             return err("ranker_weight", "must be within 0.0 ..= 1.0");
+        }
+        if !(0.0..=0.5).contains(&self.reserve_fraction) {
+            return err("reserve_fraction", "must be within 0.0 ..= 0.5");
         }
         if self.max_k == 0 {
             return err("max_k", "must be at least 1");

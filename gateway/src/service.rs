@@ -86,12 +86,12 @@ impl<S: HistoryStore> GatewayService<S> {
         Ok(events.iter().map(|e| e.item_id.clone()).collect())
     }
 
-    async fn retrieve(&self, history: &[String], want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+    async fn retrieve(&self, history: Vec<String>, want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
         let budget = deadline.remaining().min(Duration::from_millis(self.config.retrieve_budget_ms));
         if budget.is_zero() {
             return Err(GatewayError::Deadline(deadline.elapsed().as_millis() as u64));
         }
-        let mut request = Request::new(RetrieveRequest { history: history.to_vec(), k: want as u32, exclude_history: true });
+        let mut request = Request::new(RetrieveRequest { history, k: want as u32, exclude_history: true });
         request.set_timeout(budget);
         with_request_id(&mut request, request_id);
         llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
@@ -226,7 +226,7 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let _permit = self.admit().inspect_err(|_| metrics::counter!("llamarec_gateway_rejected_total").increment(1))?;
         let request_id = request_id_of(&request);
         let timeout = caller_timeout(&request).unwrap_or(Duration::from_millis(self.config.default_deadline_ms));
-        let deadline = Deadline::new(start, timeout, Duration::from_millis(self.config.reserve_ms));
+        let deadline = Deadline::for_caller(start, timeout, Duration::from_millis(self.config.reserve_ms), self.config.reserve_fraction);
         let req = request.into_inner();
         tracing::Span::current().record("request_id", request_id.as_str()).record("user_id", req.user_id.as_str());
 
@@ -242,7 +242,10 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         }
 
         let t = Instant::now();
-        let (retrieved, retriever_model) = self.retrieve(&history, k.max(n), &deadline, &request_id).await?;
+        // The ranker's prompt needs only the last `prompt_history` events; the whole history
+        // moves into the Retrieve request (no copy of hundreds of ids per request).
+        let prompt_history = history[history.len().saturating_sub(self.config.prompt_history as usize)..].to_vec();
+        let (retrieved, retriever_model) = self.retrieve(history, k.max(n), &deadline, &request_id).await?;
         let retrieve_time = t.elapsed();
         record_stage("retrieve", retrieve_time);
 
@@ -251,7 +254,7 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let (ranked, ranker_model, degraded) = if options.skip_ranker || candidates.is_empty() {
             (Vec::new(), None, None)
         } else {
-            match self.rank(&history, candidates, &deadline, &request_id).await {
+            match self.rank(&prompt_history, candidates, &deadline, &request_id).await {
                 Ok((ranked, model)) => (ranked, Some(model), None),
                 Err(d) => (Vec::new(), None, Some(d)),
             }

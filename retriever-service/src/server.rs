@@ -75,6 +75,7 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
         llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
     let num_items = retriever.catalog().num_items();
+    let retriever = retriever.with_state_cache(config.state_cache_bytes);
     let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)

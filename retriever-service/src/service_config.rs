@@ -24,6 +24,9 @@ pub struct RetrieverServiceConfig {
     pub max_history: u32,
     /// Requests computed or queued at once; the next one is refused with RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// Bytes of recent user states kept so that a returning user skips the recurrence (about
+    /// 1.9 KB per user with a 200-event window); 0 turns the cache off.
+    pub state_cache_bytes: u64,
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
     /// long to finish before the process exits anyway.
     pub shutdown_grace_ms: u64,
@@ -50,6 +53,7 @@ impl Default for RetrieverServiceConfig {
             max_k: 200,
             max_history: 1000,
             max_in_flight: 64,
+            state_cache_bytes: 64 << 20,
             shutdown_grace_ms: 10_000,
             max_item_id_len: 128,
             max_message_bytes: 4 << 20,
