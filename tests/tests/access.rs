@@ -171,5 +171,6 @@ async fn tls_tokens_and_the_shared_backend_token() {
     assert_eq!(json["items"].as_array().map(Vec::len), Some(3), "{json}");
     let out = cli(None);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Recommend failed") && stderr.contains("authorization: Bearer <token>"), "{stderr}");
 }
