@@ -43,6 +43,7 @@ pub mod server;
 pub mod service;
 pub mod service_config;
 pub mod tokenizer;
+pub mod train;
 pub mod verbalizer;
 pub mod weights;
 

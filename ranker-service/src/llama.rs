@@ -474,6 +474,17 @@ impl Llama {
         })
     }
 
+    /// A frozen projection; when training, through an op whose backward skips the weight's
+    /// gradient (only LoRA matrices are trained).
+    fn project(&self, w: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        match w {
+            Linear::Dense(weight) if self.kernels == Kernels::Differentiable => {
+                crate::train::frozen::frozen_linear(x, weight)
+            }
+            _ => w.forward(x),
+        }
+    }
+
     fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps as f32
     }
@@ -502,7 +513,7 @@ impl Llama {
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
 
         let h = self.rms_norm(x, &w.attn_norm)?;
-        let mut qkv = w.qkv.forward(&h)?;
+        let mut qkv = self.project(&w.qkv, &h)?;
         if let Some(lora) = s.lora {
             let parts = [Projection::QProj, Projection::KProj, Projection::VProj];
             if let Some(d) = lora.fused_delta(layer, &parts, cfg, &h)? {
@@ -571,14 +582,14 @@ impl Llama {
             x.clone()
         };
         let h = attn.reshape((b * tq, nh * hd))?;
-        let mut o = w.o.forward(&h)?;
+        let mut o = self.project(&w.o, &h)?;
         if let Some(d) = lora_delta(s.lora, layer, Projection::OProj, &h)? {
             o = (o + d)?;
         }
         let x = (x + o)?;
 
         let h = self.rms_norm(&x, &w.ffn_norm)?;
-        let mut gu = w.gate_up.forward(&h)?;
+        let mut gu = self.project(&w.gate_up, &h)?;
         if let Some(lora) = s.lora {
             let parts = [Projection::GateProj, Projection::UpProj];
             if let Some(d) = lora.fused_delta(layer, &parts, cfg, &h)? {
@@ -591,7 +602,7 @@ impl Llama {
         } else {
             (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?
         };
-        let mut down = w.down.forward(&act)?;
+        let mut down = self.project(&w.down, &act)?;
         if let Some(d) = lora_delta(s.lora, layer, Projection::DownProj, &act)? {
             down = (down + d)?;
         }
@@ -630,8 +641,8 @@ fn lora_delta(
     proj: Projection,
     x: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
-    match lora.and_then(|l| l.get(layer, proj)) {
-        Some(pair) => pair.delta(x).map(Some),
+    match lora {
+        Some(l) => l.delta(layer, proj, x),
         None => Ok(None),
     }
 }

@@ -95,6 +95,37 @@ impl LoraPair {
 #[derive(Debug, Clone, Default)]
 pub struct LoraAdapter {
     pairs: HashMap<(usize, Projection), LoraPair>,
+    /// Training only: PEFT's `lora_dropout` on each pair's input, with its own seeded stream.
+    dropout: Option<std::sync::Arc<std::sync::Mutex<LoraDropout>>>,
+}
+
+/// Inverted dropout on the LoRA branch's input (`B A dropout(x)`), as PEFT applies it; a fresh
+/// mask per pair and per forward pass.
+#[derive(Debug)]
+struct LoraDropout {
+    p: f32,
+    state: u64,
+}
+
+impl LoraDropout {
+    fn mask(&mut self, n: usize) -> Vec<f32> {
+        let keep = 1.0 / (1.0 - self.p);
+        (0..n)
+            .map(|_| {
+                // SplitMix64.
+                self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = self.state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+                if u < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect()
+    }
 }
 
 impl LoraAdapter {
@@ -175,6 +206,37 @@ impl LoraAdapter {
         Ok(adapter)
     }
 
+    /// Training: applies inverted dropout with probability `p` to every pair's input from now
+    /// on (masks drawn from `seed`); `p = 0` turns it off. Inference never sets it.
+    pub fn set_dropout(&mut self, p: f32, seed: u64) {
+        self.dropout = (p > 0.0).then(|| {
+            std::sync::Arc::new(std::sync::Mutex::new(LoraDropout { p, state: seed }))
+        });
+    }
+
+    /// The update of one block's projection for input `x`, with the training dropout if set;
+    /// `None` when the projection has no pair.
+    pub fn delta(
+        &self,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match self.get(layer, proj) {
+            Some(pair) => pair.delta(&self.dropped(x)?).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(d) = &self.dropout else {
+            return Ok(x.clone());
+        };
+        let mask = d.lock().expect("dropout state").mask(x.elem_count());
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+
     /// The pair of one block's projection, if any.
     pub fn get(&self, layer: usize, proj: Projection) -> Option<&LoraPair> {
         self.pairs.get(&(layer, proj))
@@ -206,8 +268,8 @@ impl LoraAdapter {
         let n = x.dim(0)?;
         let mut outs = Vec::with_capacity(parts.len());
         for p in parts {
-            outs.push(match self.get(layer, *p) {
-                Some(pair) => pair.delta(x)?,
+            outs.push(match self.delta(layer, *p, x)? {
+                Some(d) => d,
                 None => Tensor::zeros((n, p.dims(cfg).1), x.dtype(), x.device())?,
             });
         }

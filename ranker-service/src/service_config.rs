@@ -65,6 +65,8 @@ pub struct RankerServiceConfig {
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, queued and computing requests
     /// get this long to finish before the process exits anyway.
     pub shutdown_grace_ms: u64,
+    /// The `[ranker.train]` recipe of `llamarec train ranker`.
+    pub train: crate::train::RankerTrainConfig,
 }
 
 impl Default for RankerServiceConfig {
@@ -95,6 +97,7 @@ impl Default for RankerServiceConfig {
             auth_token: None,
             auth_token_file: None,
             shutdown_grace_ms: 10_000,
+            train: crate::train::RankerTrainConfig::default(),
         }
     }
 }
@@ -195,6 +198,9 @@ impl Section for RankerServiceConfig {
         }
         if self.max_prompt_tokens == Some(0) {
             return err("max_prompt_tokens", "must be at least 1".into());
+        }
+        if let Err((key, reason)) = self.train.validate() {
+            return err(&format!("train.{key}"), reason);
         }
         Ok(())
     }
