@@ -40,6 +40,11 @@ enum Command {
     Train(commands::train::TrainCommand),
     /// Evaluate a stage on a split (Recall/NDCG/MRR at 1, 5, 10, 20).
     Eval(commands::eval::EvalArgs),
+    /// EVAL.md: retriever, untuned ranker, tuned ranker and fused pipeline on a split (all users
+    /// and the valid subset, Recall/NDCG/MRR at 5 and 10).
+    EvalReport(commands::eval_report::EvalReportArgs),
+    /// Choose `[gateway] ranker_weight` on the validation split and write it into the config.
+    Calibrate(commands::calibrate::CalibrateArgs),
     /// Benchmarks that write JSON.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -85,6 +90,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
         Command::Train(cmd) => commands::train::run(&layers, cmd),
         Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
+        Command::EvalReport(args) => commands::eval_report::run(&layers, args),
+        Command::Calibrate(args) => commands::calibrate::run(&layers, args),
         Command::Bench(cmd) => runtime()?.block_on(commands::bench::run(&layers, cmd)),
         Command::Health { addr, timeout_s } => runtime()?
             .block_on(llamarec_common::serving::wait_serving(&addr, std::time::Duration::from_secs(timeout_s)))

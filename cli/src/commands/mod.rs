@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod calibrate;
 pub mod data;
 pub mod eval;
+pub mod eval_report;
 pub mod eval_retriever;
 pub mod eval_two_stage;
 pub mod fetch;
@@ -14,4 +16,5 @@ pub mod score_prompt;
 pub mod serve;
 pub mod traffic;
 pub mod train;
+pub mod train_ranker;
 pub mod up;

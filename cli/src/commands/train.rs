@@ -12,6 +12,9 @@ pub enum TrainCommand {
     /// LRURec with the `[retriever.train]` recipe into the `[retriever] checkpoint` directory
     /// (resumes from the directory's last epoch unless --fresh).
     Retriever(RetrieverTrainArgs),
+    /// LoRA fine-tuning of the `[ranker]` model with the `[ranker.train]` recipe (resumes from
+    /// OUT/checkpoint unless --fresh).
+    Ranker(super::train_ranker::RankerTrainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +30,7 @@ pub struct RetrieverTrainArgs {
 pub fn run(layers: &ConfigLayers, cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Retriever(args) => retriever(layers, args),
+        TrainCommand::Ranker(args) => super::train_ranker::run(layers, args),
     }
 }
 

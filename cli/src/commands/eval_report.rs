@@ -1,0 +1,171 @@
+//! `llamarec eval-report --out EVAL.md`: the paper's Tables 1 and 3 for this deployment. On a
+//! split (test by default), over all users and over the valid subset (users whose ground truth
+//! is among the retriever's top N), Recall/NDCG/MRR at 5 and 10 of: the retriever alone, the
+//! untuned ranker, the tuned ranker (when an adapter is configured or passed), and the tuned
+//! ranker fused with the retriever at the configured `[gateway] ranker_weight` (what Recommend
+//! returns). The LLM runs only for users whose ground truth is a candidate: for the others every
+//! method's rank is beyond N, a miss at every K <= N.
+
+use anyhow::{Context, Result};
+use gateway::config::GatewayConfig;
+use llamarec_common::config::{AssetsConfig, ConfigLayers};
+use llamarec_common::data::{DataConfig, Dataset, Split};
+use llamarec_common::metrics::{MetricReport, TwoStageAccumulator, TwoStageReport};
+use ranker_service::service_config::RankerServiceConfig;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::calibrate::{collect_cases, load_ranker, Case};
+
+#[derive(Debug, clap::Args)]
+pub struct EvalReportArgs {
+    /// Split: validation or test.
+    #[arg(long, default_value = "test")]
+    pub split: Split,
+    /// Only the first N users of the split (a quick estimate; the full split is the report).
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// PEFT adapter of the tuned ranker [default: `[ranker] adapter`; none = no tuned rows].
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Fusion weight of the fused row [default: `[gateway] ranker_weight`].
+    #[arg(long)]
+    pub weight: Option<f32>,
+    /// Markdown report.
+    #[arg(long, default_value = "EVAL.md")]
+    pub out: PathBuf,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    method: String,
+    report: TwoStageReport,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    dataset: String,
+    split: Split,
+    users: usize,
+    split_users: usize,
+    candidates: usize,
+    valid_users: usize,
+    llm_calls: usize,
+    adapter: Option<String>,
+    ranker_weight: f32,
+    wall_seconds: f64,
+    rows: Vec<Row>,
+}
+
+fn cells(r: &MetricReport) -> String {
+    let (a, b) = (r.get(5), r.get(10));
+    format!("{:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4}", a.mrr, a.ndcg, a.recall, b.mrr, b.ndcg, b.recall)
+}
+
+fn markdown(report: &Report, command: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Evaluation: {} {:?} split\n", report.dataset, report.split);
+    let _ = writeln!(s, "Produced by `{command}` in {:.0} s on this machine.\n", report.wall_seconds);
+    let _ = writeln!(
+        s,
+        "{} of {} users{}; candidates: the retriever's top {} (history excluded); {} users ({:.1}%) have their ground truth among them (the valid subset), and only those run the LLM ({} calls). Fusion weight (`[gateway] ranker_weight`): {}. Tuned adapter: {}.\n",
+        report.users,
+        report.split_users,
+        if report.users < report.split_users { " (a sample: the first users of the split)" } else { "" },
+        report.candidates,
+        report.valid_users,
+        100.0 * report.valid_users as f64 / report.users.max(1) as f64,
+        report.llm_calls,
+        report.ranker_weight,
+        report.adapter.as_deref().unwrap_or("none configured (tuned rows omitted)")
+    );
+    let base = report.rows[0].report.all_users.get(10).ndcg;
+    for (title, valid) in [("All users (paper Table 1)", false), ("Valid subset: ground truth among the candidates (paper Table 3)", true)] {
+        let _ = writeln!(s, "## {title}\n");
+        let _ = writeln!(s, "| method | M@5 | N@5 | R@5 | M@10 | N@10 | R@10 | N@10 vs retriever |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for row in &report.rows {
+            let r = if valid { &row.report.valid_subset } else { &row.report.all_users };
+            let rel = if valid { r.get(10).ndcg / report.rows[0].report.valid_subset.get(10).ndcg.max(1e-12) } else { r.get(10).ndcg / base.max(1e-12) };
+            let _ = writeln!(s, "| {} | {} | {:.3}x |", row.method, cells(r), rel);
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "M = MRR, N = NDCG, R = Recall (= hit rate; one ground-truth item per user). Users whose ground truth is not among the candidates count as misses in \"all users\". The ranker rows order the candidates by the LLM's letter logits alone (weight 1); the fused row mixes the retriever's and the LLM's log-softmax scores as the gateway does."
+    );
+    s
+}
+
+pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
+    let start = Instant::now();
+    let assets = layers.section::<AssetsConfig>()?;
+    let data = layers.section::<DataConfig>()?;
+    let gateway = layers.section::<GatewayConfig>()?;
+    let section = layers.section::<RankerServiceConfig>()?;
+    let dataset = Dataset::load(&data, &assets.dir)?;
+    let retriever = super::eval_retriever::load_for(layers, &dataset)?;
+    let adapter = args.adapter.clone().or(section.adapter.clone());
+    let weight = args.weight.unwrap_or(gateway.ranker_weight);
+    let untuned = load_ranker(layers, None)?;
+    let tuned = adapter.as_deref().map(|a| load_ranker(layers, Some(a))).transpose()?;
+    let mut rankers = vec![&untuned];
+    rankers.extend(tuned.as_ref());
+    let split_users = dataset.eval_examples(args.split).count();
+    let examples: Vec<_> = dataset.eval_examples(args.split).take(args.sample.unwrap_or(usize::MAX)).collect();
+    let n = gateway.default_candidates as usize;
+    let cases = collect_cases(&dataset, &retriever, &rankers, &examples, n, gateway.prompt_history as usize, "eval report")?;
+
+    let row = |method: &str, f: &dyn Fn(&Case) -> Option<usize>| {
+        let mut acc = TwoStageAccumulator::default();
+        for c in &cases {
+            // The valid subset is defined by the retriever's candidates for every method.
+            match (c.target_pos, f(c)) {
+                (Some(_), rank) => {
+                    acc.all_users.add(rank);
+                    acc.valid_subset.add(rank);
+                }
+                (None, _) => acc.all_users.add(None),
+            }
+        }
+        Row { method: method.to_string(), report: acc.report() }
+    };
+    let mut rows = vec![row("LRURec retriever alone", &|c| c.retriever_rank()), row("untuned ranker (LLM alone)", &|c| c.fused_rank(0, 1.0))];
+    if tuned.is_some() {
+        rows.push(row("tuned ranker (LLM alone)", &|c| c.fused_rank(1, 1.0)));
+        rows.push(row(&format!("tuned ranker fused (weight {weight})"), &|c| c.fused_rank(1, weight)));
+    } else {
+        rows.push(row(&format!("untuned ranker fused (weight {weight})"), &|c| c.fused_rank(0, weight)));
+    }
+    let valid_users = cases.iter().filter(|c| c.target_pos.is_some()).count();
+    let report = Report {
+        dataset: dataset.name.clone(),
+        split: args.split,
+        users: cases.len(),
+        split_users,
+        candidates: n,
+        valid_users,
+        llm_calls: valid_users * rankers.len(),
+        adapter: adapter.as_ref().map(|a| a.display().to_string()),
+        ranker_weight: weight,
+        wall_seconds: start.elapsed().as_secs_f64(),
+        rows,
+    };
+    let command = std::env::args().map(|a| if a.contains(' ') { format!("{a:?}") } else { a }).collect::<Vec<_>>().join(" ");
+    let command = command.rsplit('/').next().unwrap_or(&command).to_string();
+    let md = markdown(&report, &command);
+    print!("{md}");
+    std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let full = report.wall_seconds * split_users as f64 / report.users.max(1) as f64;
+    eprintln!("wrote {} ({:.0} s; the full {:?} split of {split_users} users would take about {:.0} s at this rate)", args.out.display(), report.wall_seconds, args.split, full);
+    Ok(())
+}
