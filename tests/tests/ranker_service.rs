@@ -189,7 +189,7 @@ async fn ranks_with_the_real_model_caches_histories_and_rejects_bad_requests_by_
         "llamarec_ranker_forward_duration_seconds_bucket",
         "llamarec_ranker_history_cache_hits_total",
         "llamarec_ranker_history_cache_misses_total",
-        "llamarec_ranker_requests_total{status=\"InvalidArgument\"} 6",
+        "llamarec_ranker_requests_total{status=\"InvalidArgument\"} 8",
         "llamarec_ranker_resident_bytes",
     ] {
         assert!(text.contains(name), "metric {name} missing from:\n{text}");
