@@ -136,6 +136,12 @@ pub fn check_token(token: &str) -> Result<(), String> {
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("a token must be visible ASCII characters without spaces".into());
     }
+    // `LLAMAREC_*` environment values that read as numbers or booleans are converted
+    // ("0012345" arrives as "12345"), so such a token would silently differ between a side
+    // that reads it from the environment and one that reads it from a file.
+    if token.parse::<f64>().is_ok() || token.eq_ignore_ascii_case("true") || token.eq_ignore_ascii_case("false") {
+        return Err("a token must not read as a number or a boolean (use a random string)".into());
+    }
     Ok(())
 }
 
@@ -343,6 +349,32 @@ mod tests {
         let e = resolve_secret("ranker.auth_token", None, Some(&dir.path().join("missing"))).unwrap_err().to_string();
         assert!(e.contains("ranker.auth_token_file"), "{e}");
         assert!(AuthConfig { tokens: vec!["a b".into()], tokens_file: None }.validate("auth.").unwrap_err().0 == "auth.tokens[0]");
+    }
+
+    #[test]
+    fn tokens_from_the_environment_stay_strings() {
+        // `LLAMAREC_*` values are parsed (try_parsing): an all-digit token must still arrive as
+        // the same string.
+        #[derive(Default, serde::Deserialize)]
+        #[serde(default)]
+        struct Demo {
+            auth_token: Option<String>,
+            auth: AuthConfig,
+        }
+        impl crate::config::Section for Demo {
+            const NAME: &'static str = "demo";
+        }
+        let load = |v: &str| -> Demo {
+            let env = vec![("LLAMAREC_DEMO__AUTH_TOKEN".to_string(), v.to_string())];
+            crate::config::ConfigLayers::load_with_env(None, Some(env)).unwrap().section().unwrap()
+        };
+        assert_eq!(load("k8s-S3cret_0012345").auth_token.as_deref(), Some("k8s-S3cret_0012345"));
+        // What check_token guards against: a numeric value is converted on the way in.
+        assert_ne!(load("0012345").auth_token.as_deref(), Some("0012345"));
+        for weak in ["0012345", "1e5", "1.50", "TRUE"] {
+            assert!(check_token(weak).unwrap_err().contains("number or a boolean"), "{weak}");
+        }
+        assert!(load("x").auth.tokens.is_empty());
     }
 
     #[test]
