@@ -120,7 +120,10 @@ pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
     let split_users = dataset.eval_examples(args.split).count();
     let examples: Vec<_> = dataset.eval_examples(args.split).take(args.sample.unwrap_or(usize::MAX)).collect();
     let n = gateway.default_candidates as usize;
+    let collect_start = Instant::now();
     let cases = collect_cases(&dataset, &retriever, &rankers, &examples, n, gateway.prompt_history as usize, "eval report")?;
+    let per_user = collect_start.elapsed().as_secs_f64() / examples.len().max(1) as f64;
+    let fixed = collect_start.duration_since(start).as_secs_f64();
 
     let row = |method: &str, f: &dyn Fn(&Case) -> Option<usize>| {
         let mut acc = TwoStageAccumulator::default();
@@ -157,15 +160,18 @@ pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
         wall_seconds: start.elapsed().as_secs_f64(),
         rows,
     };
-    let command = std::env::args().map(|a| if a.contains(' ') { format!("{a:?}") } else { a }).collect::<Vec<_>>().join(" ");
-    let command = command.rsplit('/').next().unwrap_or(&command).to_string();
+    let command = std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { a.rsplit('/').next().unwrap_or(&a).to_string() } else if a.contains(' ') { format!("{a:?}") } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
     let md = markdown(&report, &command);
     print!("{md}");
     std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))?;
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
-    let full = report.wall_seconds * split_users as f64 / report.users.max(1) as f64;
+    let full = fixed + per_user * split_users as f64;
     eprintln!("wrote {} ({:.0} s; the full {:?} split of {split_users} users would take about {:.0} s at this rate)", args.out.display(), report.wall_seconds, args.split, full);
     Ok(())
 }

@@ -36,7 +36,10 @@ pub fn epoch_order(sequences: &[&[u32]], min_history: usize, seed: u64) -> Vec<P
     let mut out = Vec::new();
     for (u, s) in sequences.iter().enumerate() {
         for pos in min_history.max(1)..s.len() {
-            out.push(PrefixRef { user: u as u32, position: pos as u32 });
+            out.push(PrefixRef {
+                user: u as u32,
+                position: pos as u32,
+            });
         }
     }
     Rng::derived(seed, 1).shuffle(&mut out);
@@ -98,8 +101,15 @@ pub fn build_example(
     let mut candidates = negatives;
     candidates.push(target);
     rng.shuffle(&mut candidates);
-    let label = candidates.iter().position(|&c| c == target).expect("target is a candidate");
-    Example { history, candidates, label }
+    let label = candidates
+        .iter()
+        .position(|&c| c == target)
+        .expect("target is a candidate");
+    Example {
+        history,
+        candidates,
+        label,
+    }
 }
 
 #[cfg(test)]
@@ -115,36 +125,76 @@ mod tests {
         let mut seen: Vec<(u32, u32)> = order.iter().map(|p| (p.user, p.position)).collect();
         seen.sort_unstable();
         assert_eq!(seen, vec![(0, 1), (0, 2), (0, 3), (1, 1)]);
-        assert_eq!(order, epoch_order(&[&a, &b], 1, 3), "deterministic per seed");
+        assert_eq!(
+            order,
+            epoch_order(&[&a, &b], 1, 3),
+            "deterministic per seed"
+        );
     }
 
     #[test]
     fn negatives_avoid_history_and_target_and_labels_are_uniform() {
         let seq: Vec<u32> = (1..=30).collect();
-        let prefix = PrefixRef { user: 0, position: 10 };
+        let prefix = PrefixRef {
+            user: 0,
+            position: 10,
+        };
         let hard: Vec<u32> = vec![3, 11, 40, 41, 42, 43, 44];
         let mut rng = Rng::new(1);
         let mut label_counts = [0usize; 20];
         for _ in 0..2000 {
-            let ex = build_example(&seq, prefix, 200, 20, NegativeKind::Random, 0.0, &hard, &mut rng);
+            let ex = build_example(
+                &seq,
+                prefix,
+                200,
+                20,
+                NegativeKind::Random,
+                0.0,
+                &hard,
+                &mut rng,
+            );
             assert_eq!(ex.candidates.len(), 20);
             assert_eq!(ex.candidates[ex.label], 11);
             let set: HashSet<u32> = ex.candidates.iter().copied().collect();
             assert_eq!(set.len(), 20, "distinct candidates");
-            assert!(ex.candidates.iter().all(|c| *c == 11 || !(1..=10).contains(c)));
+            assert!(ex
+                .candidates
+                .iter()
+                .all(|c| *c == 11 || !(1..=10).contains(c)));
             assert!(ex.candidates.iter().all(|c| (1..=200).contains(c)));
             label_counts[ex.label] += 1;
         }
-        assert!(label_counts.iter().all(|&c| (50..150).contains(&c)), "{label_counts:?}");
+        assert!(
+            label_counts.iter().all(|&c| (50..150).contains(&c)),
+            "{label_counts:?}"
+        );
 
         // Retriever negatives: the hard list minus the prefix (3) and the target (11), in full,
         // topped up with uniform ones.
-        let ex = build_example(&seq, prefix, 200, 20, NegativeKind::Retriever, 0.0, &hard, &mut rng);
+        let ex = build_example(
+            &seq,
+            prefix,
+            200,
+            20,
+            NegativeKind::Retriever,
+            0.0,
+            &hard,
+            &mut rng,
+        );
         for h in [40, 41, 42, 43, 44] {
             assert!(ex.candidates.contains(&h));
         }
         assert!(!ex.candidates.contains(&3));
-        let ex = build_example(&seq, prefix, 200, 20, NegativeKind::Mixed, 2.0 / 19.0, &hard, &mut rng);
+        let ex = build_example(
+            &seq,
+            prefix,
+            200,
+            20,
+            NegativeKind::Mixed,
+            2.0 / 19.0,
+            &hard,
+            &mut rng,
+        );
         assert!(ex.candidates.contains(&40) && ex.candidates.contains(&41));
         assert_eq!(ex.candidates.len(), 20);
     }

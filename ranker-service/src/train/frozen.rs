@@ -16,14 +16,22 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("frozen-linear: non-contiguous input".into()))?;
         let dims = layout.shape().dims().to_vec();
         let x = match storage {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], dims.as_slice(), &candle_core::Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], dims.as_slice(), &candle_core::Device::Cpu)?,
+            CpuStorage::F32(v) => {
+                Tensor::from_slice(&v[start..end], dims.as_slice(), &candle_core::Device::Cpu)?
+            }
+            CpuStorage::F64(v) => {
+                Tensor::from_slice(&v[start..end], dims.as_slice(), &candle_core::Device::Cpu)?
+            }
             _ => candle_core::bail!("frozen-linear: f32 or f64 only"),
         };
         let y = x.matmul(&self.w.t()?)?;
@@ -36,7 +44,12 @@ impl CustomOp1 for FrozenLinear {
         Ok((out, shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.contiguous()?.matmul(&self.w)?))
     }
 }

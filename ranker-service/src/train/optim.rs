@@ -51,7 +51,12 @@ impl AdamW {
                 .map(|p| Ok(p.var.as_tensor().zeros_like()?))
                 .collect::<Result<Vec<_>>>()
         };
-        Ok(Self { config, steps: 0, m: zeros()?, v: zeros()? })
+        Ok(Self {
+            config,
+            steps: 0,
+            m: zeros()?,
+            v: zeros()?,
+        })
     }
 
     /// Updates applied so far.
@@ -105,7 +110,10 @@ impl AdamW {
 
     /// Restores moments written by [`AdamW::save`] after `steps` updates.
     pub fn load(params: &[NamedVar], config: AdamWConfig, path: &Path, steps: u64) -> Result<Self> {
-        let device = params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let device = params
+            .first()
+            .map(|p| p.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let mut tensors = candle_core::safetensors::load(path, &device)
             .with_context(|| format!("reading {}", path.display()))?;
         let (mut m, mut v) = (Vec::new(), Vec::new());
@@ -118,7 +126,12 @@ impl AdamW {
                 }
             }
         }
-        Ok(Self { config, steps, m, v })
+        Ok(Self {
+            config,
+            steps,
+            m,
+            v,
+        })
     }
 }
 
@@ -129,20 +142,34 @@ mod tests {
 
     #[test]
     fn first_step_moves_by_lr_and_state_round_trips() {
-        let params = vec![NamedVar { name: "w".into(), var: Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap() }];
+        let params = vec![NamedVar {
+            name: "w".into(),
+            var: Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap(),
+        }];
         let grads = vec![Tensor::new(&[3.0f32, -0.5], &Device::Cpu).unwrap()];
-        let cfg = AdamWConfig { weight_decay: 0.5, beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let cfg = AdamWConfig {
+            weight_decay: 0.5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
         let mut opt = AdamW::new(&params, cfg).unwrap();
         let norm = opt.step(&params, &grads, 0.1, None).unwrap();
         assert!((norm - (9.0f64 + 0.25).sqrt()).abs() < 1e-5);
         let w = params[0].var.as_tensor().to_vec1::<f32>().unwrap();
         // Bias-corrected first step: -lr * sign(g), after decay by (1 - lr * wd).
-        assert!((w[0] - (0.95 - 0.1)).abs() < 1e-5 && (w[1] - (-1.9 + 0.1)).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w[0] - (0.95 - 0.1)).abs() < 1e-5 && (w[1] - (-1.9 + 0.1)).abs() < 1e-5,
+            "{w:?}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("opt.safetensors");
         opt.save(&params, &path).unwrap();
         let back = AdamW::load(&params, cfg, &path, opt.steps()).unwrap();
         assert_eq!(back.steps(), 1);
-        assert_eq!(back.v[0].to_vec1::<f32>().unwrap(), opt.v[0].to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.v[0].to_vec1::<f32>().unwrap(),
+            opt.v[0].to_vec1::<f32>().unwrap()
+        );
     }
 }
