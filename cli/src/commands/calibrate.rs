@@ -84,15 +84,11 @@ pub fn collect_cases(dataset: &Dataset, retriever: &Retriever, rankers: &[&Ranke
     let mut cases = Vec::with_capacity(examples.len());
     for ex in examples {
         let r = retriever.retrieve(ex.history, n, true)?;
-        let retrieved: Vec<Retrieved> = r
-            .candidates
-            .iter()
-            .map(|c| Retrieved { item_id: dataset.items[c.item as usize].id.clone(), title: dataset.items[c.item as usize].title.clone(), score: c.score })
-            .collect();
+        let retrieved = super::eval_two_stage::retrieved(dataset, &r);
         let target_pos = r.candidates.iter().position(|c| c.item == ex.target);
         let mut logits = Vec::new();
         if target_pos.is_some() {
-            let history: Vec<&str> = ex.history[ex.history.len().saturating_sub(prompt_history)..].iter().map(|&i| dataset.items[i as usize].title.as_str()).collect();
+            let history = super::eval_two_stage::prompt_history(dataset, ex.history, prompt_history);
             let titles: Vec<&str> = retrieved.iter().map(|r| r.title.as_str()).collect();
             for ranker in rankers {
                 logits.push(ranker.score(&history, &titles)?.logits);

@@ -17,8 +17,17 @@ use ranker_service::{LoadOptions, Ranker};
 use std::time::Instant;
 
 /// History items whose titles go into the prompt, as the gateway sends them.
-fn prompt_history(dataset: &Dataset, history: &[u32], keep: usize) -> Vec<String> {
+pub(super) fn prompt_history(dataset: &Dataset, history: &[u32], keep: usize) -> Vec<String> {
     history[history.len().saturating_sub(keep)..].iter().map(|&i| dataset.items[i as usize].title.clone()).collect()
+}
+
+/// A retrieval's candidates as the gateway's merge sees them (external ids, titles, scores).
+pub(super) fn retrieved(dataset: &Dataset, retrieval: &retriever_service::Retrieval) -> Vec<Retrieved> {
+    retrieval
+        .candidates
+        .iter()
+        .map(|c| Retrieved { item_id: dataset.items[c.item as usize].id.clone(), title: dataset.items[c.item as usize].title.clone(), score: c.score })
+        .collect()
 }
 
 /// Evaluates retriever + ranker + fusion on `split` with `candidates` per user.
@@ -38,11 +47,7 @@ pub fn in_process(layers: &ConfigLayers, dataset: &Dataset, split: Split, sample
     let mut llm_calls = 0usize;
     for ex in &examples {
         let retrieval = retriever.retrieve(ex.history, candidates, true)?;
-        let retrieved: Vec<Retrieved> = retrieval
-            .candidates
-            .iter()
-            .map(|c| Retrieved { item_id: dataset.items[c.item as usize].id.clone(), title: dataset.items[c.item as usize].title.clone(), score: c.score })
-            .collect();
+        let retrieved = retrieved(dataset, &retrieval);
         let target = &dataset.items[ex.target as usize].id;
         let rank = if retrieved.iter().any(|r| &r.item_id == target) {
             llm_calls += 1;
