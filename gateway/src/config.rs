@@ -93,6 +93,10 @@ pub struct GatewayConfig {
     pub default_deadline_ms: u64,
     /// Share of the remaining deadline the retriever may use.
     pub retrieve_budget_ms: u64,
+    /// Send histories to the retriever as dense catalog indices (a packed `uint32` field) rather
+    /// than external ids, when the retriever serves the same catalog (same fingerprint; on a
+    /// mismatch the gateway falls back to ids by itself). Off only to compare the two.
+    pub retrieve_dense_indices: bool,
     /// Time kept back from the deadline for merging and sending the answer: at least this...
     pub reserve_ms: u64,
     /// ...and at least this share of the caller's deadline, which also covers the time the
@@ -149,6 +153,7 @@ impl Default for GatewayConfig {
             max_in_flight: 256,
             default_deadline_ms: 5_000,
             retrieve_budget_ms: 200,
+            retrieve_dense_indices: true,
             reserve_ms: 2,
             reserve_fraction: 0.05,
             min_rank_budget_ms: 20,

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod config;
 pub mod deadline;
+pub mod dense;
 pub mod error;
 pub mod history;
 pub mod merge;

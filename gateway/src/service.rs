@@ -3,6 +3,7 @@
 use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
 use crate::deadline::{parse_grpc_timeout, Deadline};
+use crate::dense::DenseIndices;
 use crate::error::GatewayError;
 use crate::history::{HistoryCache, HistoryStore, StoredEvent};
 use crate::merge::{log_softmax, merge, Merged, Ranked, Retrieved};
@@ -12,7 +13,7 @@ use llamarec_proto::v1::gateway_server::Gateway;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{
     AppendEventsRequest, AppendEventsResponse, DegradedReason, Event, GetHistoryRequest, GetHistoryResponse, ModelVersion,
-    RankRequest, RecommendRequest, RecommendResponse, RecommendedItem, RetrieveRequest, StageTimings,
+    RankRequest, RecommendRequest, RecommendResponse, RecommendedItem, RetrieveRequest, RetrieveResponse, StageTimings,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ pub struct GatewayService<S> {
     rankers: Arc<RankerPool>,
     in_flight: Arc<Semaphore>,
     traffic: Option<crate::traffic::TrafficRecorder>,
+    dense: DenseIndices,
 }
 
 /// Why the ranker's scores are missing.
@@ -52,7 +54,8 @@ impl<S: HistoryStore> GatewayService<S> {
         rankers: Arc<RankerPool>,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None }
+        let dense = DenseIndices::new(config.retrieve_dense_indices, catalog.fingerprint());
+        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None, dense }
     }
 
     /// Records a sampled share of Recommend requests (see [`crate::traffic`]).
@@ -73,43 +76,83 @@ impl<S: HistoryStore> GatewayService<S> {
             .collect()
     }
 
-    /// The history to recommend from: inline, or stored after appending the request's events
-    /// (the request passed [`validate::recommend`]).
-    async fn history(&self, req: &RecommendRequest) -> Result<Vec<String>, GatewayError> {
-        if let Some(inline) = &req.inline_history {
-            return Ok(inline.item_ids.clone());
-        }
+    /// The stored history to recommend from, after appending the request's events (the request
+    /// passed [`validate::recommend`] and carries no inline history).
+    async fn stored_history(&self, req: &RecommendRequest) -> Result<Arc<Vec<StoredEvent>>, GatewayError> {
         if !req.append_events.is_empty() {
             self.histories.append(&req.user_id, &Self::stored_events(&req.append_events)).await?;
         }
-        let (events, _) = self.histories.read(&req.user_id).await?;
-        Ok(events.iter().map(|e| e.item_id.clone()).collect())
+        Ok(self.histories.read(&req.user_id).await?.0)
     }
 
-    async fn retrieve(&self, history: Vec<String>, want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+    /// Top `want` candidates for `history` (external ids, oldest first). Sends dense indices when
+    /// the retriever shares the gateway's catalog, ids otherwise or after it refused indices.
+    async fn retrieve(&self, history: &[&str], want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+        let dense = self.dense.fingerprint().and_then(|fingerprint| {
+            // An id the catalog lacks (the data set changed under a stored history) goes as an
+            // id, so the retriever names it in its error.
+            let indices: Option<Vec<u32>> = history.iter().map(|id| self.catalog.index_of(id)).collect();
+            indices.map(|history_indices| RetrieveRequest {
+                history_indices,
+                catalog_fingerprint: fingerprint,
+                indices_only: true,
+                ..Default::default()
+            })
+        });
+        if let Some(request) = dense {
+            let nonempty = !request.history_indices.is_empty();
+            match self.call_retriever(request, want, deadline, request_id).await {
+                Err(GatewayError::Retriever { status, .. }) if status.code() == Code::FailedPrecondition => self.dense.refused(status.message()),
+                // A retriever that ignores indices (older than the field) sees an empty history.
+                Ok(response) if response.popularity_fallback && nonempty => self.dense.refused("the retriever ignored history_indices"),
+                Ok(response) => return self.from_indices(response),
+                Err(e) => return Err(e),
+            }
+        }
+        let request = RetrieveRequest { history: history.iter().map(|id| id.to_string()).collect(), ..Default::default() };
+        let response = self.call_retriever(request, want, deadline, request_id).await?;
+        let items = response.items.into_iter().map(|i| Retrieved { item_id: i.item_id, title: i.title, score: i.score }).collect();
+        Ok((items, response.model.unwrap_or_default()))
+    }
+
+    /// Candidates of an `indices_only` answer, with ids and titles from the gateway's catalog.
+    fn from_indices(&self, response: RetrieveResponse) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+        let items = response
+            .items
+            .into_iter()
+            .map(|i| match self.catalog.item(i.item_index) {
+                Some(item) => Ok(Retrieved { item_id: item.id.clone(), title: item.title.clone(), score: i.score }),
+                None => Err(GatewayError::Retriever {
+                    address: self.config.retriever.clone(),
+                    status: Status::internal(format!("answered item index {} outside the catalog of {} items", i.item_index, self.catalog.len())),
+                }),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((items, response.model.unwrap_or_default()))
+    }
+
+    async fn call_retriever(&self, request: RetrieveRequest, want: usize, deadline: &Deadline, request_id: &str) -> Result<RetrieveResponse, GatewayError> {
         let budget = deadline.remaining().min(Duration::from_millis(self.config.retrieve_budget_ms));
         if budget.is_zero() {
             return Err(GatewayError::Deadline(deadline.elapsed().as_millis() as u64));
         }
-        let mut request = Request::new(RetrieveRequest { history, k: want as u32, exclude_history: true });
+        let mut request = Request::new(RetrieveRequest { k: want as u32, exclude_history: true, ..request });
         request.set_timeout(budget);
         with_request_id(&mut request, request_id);
         llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
         let mut client = self.retriever.clone();
         let call = tokio::time::timeout(budget, client.retrieve(request));
         let address = self.config.retriever.clone();
-        let response = match call.await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(status)) => return Err(GatewayError::Retriever { address, status }),
-            Err(_) => return Err(GatewayError::Retriever { address, status: Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis())) }),
-        };
-        let items = response.items.into_iter().map(|i| Retrieved { item_id: i.item_id, title: i.title, score: i.score }).collect();
-        Ok((items, response.model.unwrap_or_default()))
+        match call.await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(GatewayError::Retriever { address, status }),
+            Err(_) => Err(GatewayError::Retriever { address, status: Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis())) }),
+        }
     }
 
     /// Ranks `candidates`; on any failure returns why, never an error: the retriever's answer
     /// is kept whatever the ranker does.
-    async fn rank(&self, history: &[String], candidates: &[Retrieved], deadline: &Deadline, request_id: &str) -> Result<(Vec<Ranked>, ModelVersion), Degraded> {
+    async fn rank(&self, history: &[&str], candidates: &[Retrieved], deadline: &Deadline, request_id: &str) -> Result<(Vec<Ranked>, ModelVersion), Degraded> {
         let budget = deadline.remaining();
         if budget < Duration::from_millis(self.config.min_rank_budget_ms) {
             return Err(Degraded {
@@ -131,7 +174,7 @@ impl<S: HistoryStore> GatewayService<S> {
             }
         };
         let skip = history.len().saturating_sub(self.config.prompt_history as usize);
-        let history_titles = history[skip..].iter().filter_map(|id| self.catalog.title(id).map(str::to_string)).collect();
+        let history_titles = history[skip..].iter().filter_map(|&id| self.catalog.title(id).map(str::to_string)).collect();
         let candidate_titles = candidates.iter().map(|c| c.title.clone()).collect();
         let mut request = Request::new(RankRequest { history_titles, candidate_titles });
         request.set_timeout(budget);
@@ -233,18 +276,21 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let validate::RecommendPlan { k, num_candidates: n } = validate::recommend(&self.config, &self.catalog, &req)?;
         let options = req.options.unwrap_or_default();
 
-        let mut history = self.history(&req).await?;
+        // Borrowed ids, not copies: the stored history is shared with the cache.
+        let stored;
+        let history: Vec<&str> = match &req.inline_history {
+            Some(inline) => inline.item_ids.iter().map(String::as_str).collect(),
+            None => {
+                stored = self.stored_history(&req).await?;
+                stored.iter().map(|e| e.item_id.as_str()).collect()
+            }
+        };
         let history_us = micros(start.elapsed());
         record_stage("history", start.elapsed());
         let history_length = history.len() as u32;
-        if history.len() > self.config.max_history {
-            history.drain(..history.len() - self.config.max_history);
-        }
+        let history = &history[history.len().saturating_sub(self.config.max_history)..];
 
         let t = Instant::now();
-        // The ranker's prompt needs only the last `prompt_history` events; the whole history
-        // moves into the Retrieve request (no copy of hundreds of ids per request).
-        let prompt_history = history[history.len().saturating_sub(self.config.prompt_history as usize)..].to_vec();
         let (retrieved, retriever_model) = self.retrieve(history, k.max(n), &deadline, &request_id).await?;
         let retrieve_time = t.elapsed();
         record_stage("retrieve", retrieve_time);
@@ -254,7 +300,7 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let (ranked, ranker_model, degraded) = if options.skip_ranker || candidates.is_empty() {
             (Vec::new(), None, None)
         } else {
-            match self.rank(&prompt_history, candidates, &deadline, &request_id).await {
+            match self.rank(history, candidates, &deadline, &request_id).await {
                 Ok((ranked, model)) => (ranked, Some(model), None),
                 Err(d) => (Vec::new(), None, Some(d)),
             }

@@ -21,6 +21,7 @@ pub struct Catalog {
     items: Vec<CatalogItem>,
     by_id: HashMap<String, u32>,
     popular: Vec<u32>,
+    fingerprint: u64,
 }
 
 impl Catalog {
@@ -30,7 +31,13 @@ impl Catalog {
         let mut popular: Vec<u32> = (1..items.len() as u32).collect();
         // Most trained-on first; the index breaks ties so the order is deterministic.
         popular.sort_by(|&a, &b| items[b as usize].train_count.cmp(&items[a as usize].train_count).then(a.cmp(&b)));
-        Self { items, by_id, popular }
+        let fingerprint = llamarec_common::data::catalog_fingerprint(items.iter().skip(1).map(|item| item.id.as_str()));
+        Self { items, by_id, popular, fingerprint }
+    }
+
+    /// Identifies the items and their dense order (see `RetrieverInfo.catalog_fingerprint`).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// Number of real items.
@@ -75,5 +82,6 @@ mod tests {
         assert_eq!(catalog.index_of(""), None, "padding has no id");
         assert_eq!(catalog.item(2).unwrap().title, "Title b");
         assert_eq!(catalog.num_items(), 3);
+        assert_eq!(catalog.fingerprint(), llamarec_common::data::catalog_fingerprint(["a", "b", "c"]), "padding is not fingerprinted");
     }
 }

@@ -20,6 +20,9 @@ pub enum ServiceError {
     /// The request is malformed; the message names the field and the limit.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller's dense indices refer to another catalog.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Too many requests in flight.
     #[error("retriever at capacity ({0} requests in flight); retry with backoff")]
     Overloaded(usize),
@@ -32,6 +35,7 @@ impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let code = match &e {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServiceError::Overloaded(_) => Code::ResourceExhausted,
             ServiceError::Internal(_) => Code::Internal,
         };
@@ -73,19 +77,42 @@ impl RetrieverService {
         }
     }
 
-    /// Dense indices of `req.history`, after checking k and the history against the limits.
+    /// Dense indices of the request's history (`history` or `history_indices`), after checking
+    /// k, the history and the catalog fingerprint against the limits.
     fn validate(&self, req: &RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
         if req.k == 0 || req.k > self.max_k {
             return Err(ServiceError::InvalidArgument(format!("k is {}; it must be within 1..={} ([retriever] max_k)", req.k, self.max_k)));
         }
-        if req.history.len() > self.max_history as usize {
+        let length = req.history.len().max(req.history_indices.len());
+        if length > self.max_history as usize {
             return Err(ServiceError::InvalidArgument(format!(
-                "history is {} items; the limit is {} ([retriever] max_history)",
-                req.history.len(),
+                "history is {length} items; the limit is {} ([retriever] max_history)",
                 self.max_history
             )));
         }
         let catalog = self.retriever.catalog();
+        if req.catalog_fingerprint != 0 && req.catalog_fingerprint != catalog.fingerprint() {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "catalog_fingerprint {:016x} is not this retriever's catalog ({:016x}); send external item ids in `history`",
+                req.catalog_fingerprint,
+                catalog.fingerprint()
+            )));
+        }
+        if req.catalog_fingerprint == 0 && (req.indices_only || !req.history_indices.is_empty()) {
+            return Err(ServiceError::InvalidArgument(
+                "history_indices and indices_only need catalog_fingerprint (from Info), so that both sides mean the same items".into(),
+            ));
+        }
+        if !req.history_indices.is_empty() {
+            if !req.history.is_empty() {
+                return Err(ServiceError::InvalidArgument("set either history or history_indices, not both".into()));
+            }
+            let num_items = catalog.num_items() as u32;
+            if let Some((i, index)) = req.history_indices.iter().enumerate().find(|(_, &x)| x == 0 || x > num_items) {
+                return Err(ServiceError::InvalidArgument(format!("history_indices[{i}] is {index}; it must be within 1..={num_items}")));
+            }
+            return Ok(req.history_indices.clone());
+        }
         req.history
             .iter()
             .enumerate()
@@ -106,7 +133,7 @@ impl RetrieverService {
         let _permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
         let history = self.validate(&req)?;
         let retriever = self.retriever.clone();
-        let (k, exclude) = (req.k as usize, req.exclude_history);
+        let (k, exclude, indices_only) = (req.k as usize, req.exclude_history, req.indices_only);
         // A returning user on a small catalog costs tens of microseconds: answered here. Anything
         // that runs the recurrence or scores a large catalog goes to the blocking pool.
         let start = Instant::now();
@@ -127,8 +154,12 @@ impl RetrieverService {
             .candidates
             .iter()
             .map(|c| {
+                if indices_only {
+                    // The caller has the catalog: ids and titles would only cost allocations here and there.
+                    return RetrievedItem { item_index: c.item, score: c.score, ..Default::default() };
+                }
                 let item = catalog.item(c.item).expect("candidates come from the catalog");
-                RetrievedItem { item_id: item.id.clone(), title: item.title.clone(), score: c.score }
+                RetrievedItem { item_id: item.id.clone(), title: item.title.clone(), score: c.score, item_index: c.item }
             })
             .collect();
         Ok(RetrieveResponse {
@@ -156,7 +187,7 @@ impl retriever_server::Retriever for RetrieverService {
         let start = Instant::now();
         let request_id = request_id_of(&request);
         let req = request.into_inner();
-        tracing::Span::current().record("request_id", request_id.as_str()).record("k", req.k).record("history_len", req.history.len());
+        tracing::Span::current().record("request_id", request_id.as_str()).record("k", req.k).record("history_len", req.history.len().max(req.history_indices.len()));
         let result = self.retrieve_inner(req).await.map_err(Status::from);
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         record("retrieve", start, code);
@@ -178,6 +209,7 @@ impl retriever_server::Retriever for RetrieverService {
             max_history: self.max_history,
             embedding_dim: config.embed_dim as u32,
             dataset: self.info.dataset.clone(),
+            catalog_fingerprint: self.retriever.catalog().fingerprint(),
         };
         record("info", start, Code::Ok);
         Ok(Response::new(info))

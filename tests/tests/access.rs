@@ -138,7 +138,7 @@ async fn tls_tokens_and_the_shared_backend_token() {
     // The retriever itself: refused without the shared token, served with it.
     let mut direct = RetrieverClient::connect(format!("http://{retriever}")).await.unwrap();
     let retrieve = |token: Option<&str>| {
-        let mut r = tonic::Request::new(RetrieveRequest { history: vec!["1".into(), "50".into()], k: 5, exclude_history: true });
+        let mut r = tonic::Request::new(RetrieveRequest { history: vec!["1".into(), "50".into()], k: 5, exclude_history: true, ..Default::default() });
         llamarec_common::auth::set_bearer(r.metadata_mut(), token);
         r
     };

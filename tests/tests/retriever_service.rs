@@ -37,7 +37,7 @@ async fn start() -> (Process, RetrieverClient<Channel>) {
 }
 
 fn request(history: Vec<String>, k: u32) -> RetrieveRequest {
-    RetrieveRequest { history, k, exclude_history: true }
+    RetrieveRequest { history, k, exclude_history: true, ..Default::default() }
 }
 
 #[tokio::test]
@@ -93,4 +93,52 @@ async fn retrieves_for_real_histories_and_rejects_bad_requests_by_name() {
     let status = client.retrieve(request(vec!["1".repeat(2 << 20)], 10)).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("the limit is: 1048576 bytes"), "{}", status.message());
+}
+
+/// The gateway's fast path: the same history as dense indices gives the same answer as external
+/// ids; with `indices_only` the items carry just index and score; indices against another
+/// catalog, or without a fingerprint, are refused by name.
+#[tokio::test]
+async fn dense_indices_match_external_ids_and_are_checked_against_the_catalog() {
+    let (_process, mut client) = start().await;
+    let fingerprint = client.info(InfoRequest {}).await.unwrap().into_inner().catalog_fingerprint;
+    assert_ne!(fingerprint, 0);
+
+    // Learn the indices of 20 real items from an answer by id, then use them as a history.
+    let seed = client.retrieve(request(user_history(), 20)).await.unwrap().into_inner();
+    assert!(seed.items.iter().all(|i| (1..=1349).contains(&i.item_index)), "every item names its index");
+    let ids: Vec<String> = seed.items.iter().map(|i| i.item_id.clone()).collect();
+    let indices: Vec<u32> = seed.items.iter().map(|i| i.item_index).collect();
+    let dense = |indices: Vec<u32>, fingerprint: u64, indices_only: bool| RetrieveRequest {
+        history_indices: indices,
+        k: 20,
+        exclude_history: true,
+        catalog_fingerprint: fingerprint,
+        indices_only,
+        ..Default::default()
+    };
+
+    let by_id = client.retrieve(request(ids.clone(), 20)).await.unwrap().into_inner();
+    let by_index = client.retrieve(dense(indices.clone(), fingerprint, false)).await.unwrap().into_inner();
+    assert_eq!(by_index.items, by_id.items, "same candidates, scores, ids and titles");
+    let bare = client.retrieve(dense(indices.clone(), fingerprint, true)).await.unwrap().into_inner();
+    assert!(bare.items.iter().all(|i| i.item_id.is_empty() && i.title.is_empty()));
+    let pairs = |items: &[llamarec_proto::v1::RetrievedItem]| items.iter().map(|i| (i.item_index, i.score)).collect::<Vec<_>>();
+    assert_eq!(pairs(&bare.items), pairs(&by_id.items));
+
+    let status = client.retrieve(dense(indices.clone(), fingerprint ^ 1, true)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("is not this retriever's catalog"), "{}", status.message());
+    let cases = [
+        (dense(indices.clone(), 0, false), "need catalog_fingerprint"),
+        (dense(Vec::new(), 0, true), "need catalog_fingerprint"),
+        (dense(vec![indices[0], 0], fingerprint, true), "history_indices[1] is 0; it must be within 1..=1349"),
+        (dense(vec![1350], fingerprint, true), "history_indices[0] is 1350"),
+        (RetrieveRequest { history: ids, ..dense(indices, fingerprint, true) }, "either history or history_indices"),
+    ];
+    for (req, message) in cases {
+        let status = client.retrieve(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(message), "{:?} does not contain {message:?}", status.message());
+    }
 }

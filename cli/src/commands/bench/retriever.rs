@@ -137,6 +137,7 @@ async fn grpc_series(mut config: RetrieverServiceConfig, dataset: &Dataset, hist
             history: h.iter().map(|&i| dataset.items[i as usize].id.clone()).collect(),
             k: args.k,
             exclude_history: true,
+            ..Default::default()
         })
         .collect();
     // One untimed pass: warms the connection and, when the server caches states, fills it.
