@@ -1,4 +1,4 @@
-//! Configuration files and process start-up shared by the fault, overload and shutdown tests.
+//! Configuration files and process start-up shared by the cross-process cluster tests.
 
 use crate::{binary, free_port, Process};
 use std::io::{Read, Write};
@@ -45,6 +45,8 @@ pub enum Store {
 /// Extra `key = value` lines for each section.
 #[derive(Default)]
 pub struct Extra<'a> {
+    /// `[telemetry] log_level`; `"error"` when `None`.
+    pub log_level: Option<&'a str>,
     /// Inside `[retriever]`.
     pub retriever: &'a str,
     /// Inside `[ranker]`.
@@ -66,7 +68,7 @@ pub fn write_config(dir: &Path, addrs: &Addrs, rankers: &[&str], store: &Store, 
     let text = format!(
         r#"
 [telemetry]
-log_level = "error"
+log_level = "{log_level}"
 
 [retriever]
 listen = "{retriever}"
@@ -102,6 +104,7 @@ eject_ms = 100
         ranker_extra = extra.ranker,
         gateway_extra = extra.gateway,
         rankers_extra = extra.gateway_rankers,
+        log_level = extra.log_level.unwrap_or("error"),
     );
     let path = dir.join("cluster.toml");
     std::fs::write(&path, text).expect("write the config");

@@ -3,7 +3,8 @@
 
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{AppendEventsRequest, DegradedReason, Event, GetHistoryRequest, RecommendOptions, RecommendRequest};
-use llamarec_tests::{binary, free_port, wait_serving, Process};
+use llamarec_tests::setup::{self, Addrs, Extra, Store};
+use llamarec_tests::{binary, wait_serving, Process};
 use std::path::Path;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -11,75 +12,32 @@ use tonic::Code;
 
 struct Cluster {
     dir: tempfile::TempDir,
-    ranker_addr: String,
-    gateway_addr: String,
+    addrs: Addrs,
+    /// The cluster's TOML file.
+    config: String,
     /// Held so the retriever lives as long as the cluster.
     _retriever: Process,
     ranker: Process,
     gateway: Process,
 }
 
-fn config_file(dir: &Path, retriever: &str, ranker: &str, gateway: &str) -> String {
-    let path = dir.join("cluster.toml");
-    let text = format!(
-        r#"
-[telemetry]
-log_level = "warn"
-
-[retriever]
-listen = "{retriever}"
-metrics_listen = "127.0.0.1:{rm}"
-
-[ranker]
-listen = "{ranker}"
-metrics_listen = "127.0.0.1:{km}"
-
-[gateway]
-listen = "{gateway}"
-metrics_listen = "127.0.0.1:{gm}"
-retriever = "{retriever}"
-[gateway.rankers]
-addresses = ["{ranker}"]
-eject_ms = 100
-[gateway.store]
-kind = "embedded"
-path = "{store}"
-"#,
-        rm = free_port(),
-        km = free_port(),
-        gm = free_port(),
-        store = dir.join("histories.redb").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
-fn start(service: &str, bin: &str, config: &str) -> Process {
-    Process::start(service, &binary(bin), &["--config", config], &[])
-}
-
 impl Cluster {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let retriever_addr = format!("127.0.0.1:{}", free_port());
-        let ranker_addr = format!("127.0.0.1:{}", free_port());
-        let gateway_addr = format!("127.0.0.1:{}", free_port());
-        let config = config_file(dir.path(), &retriever_addr, &ranker_addr, &gateway_addr);
-        let retriever = start("retriever", "retriever-service", &config);
-        let ranker = start("ranker", "ranker-service", &config);
-        let gateway = start("gateway", "gateway", &config);
-        for addr in [&retriever_addr, &ranker_addr, &gateway_addr] {
+        let addrs = Addrs::new();
+        let extra = Extra { log_level: Some("warn"), ..Default::default() };
+        let config = setup::write_config(dir.path(), &addrs, &[&addrs.ranker], &Store::Embedded, &extra);
+        let retriever = setup::start("retriever", &config);
+        let ranker = setup::start("ranker", &config);
+        let gateway = setup::start("gateway", &config);
+        for addr in [&addrs.retriever, &addrs.ranker, &addrs.gateway] {
             wait_serving(addr, Duration::from_secs(180)).await.unwrap();
         }
-        Self { dir, ranker_addr, gateway_addr, _retriever: retriever, ranker, gateway }
-    }
-
-    fn config(&self) -> String {
-        self.dir.path().join("cluster.toml").display().to_string()
+        Self { dir, addrs, config, _retriever: retriever, ranker, gateway }
     }
 
     async fn client(&self) -> GatewayClient<Channel> {
-        GatewayClient::connect(format!("http://{}", self.gateway_addr)).await.unwrap()
+        GatewayClient::connect(format!("http://{}", self.addrs.gateway)).await.unwrap()
     }
 }
 
@@ -117,8 +75,8 @@ async fn cluster_end_to_end() {
     // Evaluation through the gateway equals the in-process evaluation on a sample of users.
     let via = cluster.dir.path().join("via.json");
     let local = cluster.dir.path().join("local.json");
-    let config = cluster.config();
-    let gateway_addr = cluster.gateway_addr.clone();
+    let config = cluster.config.clone();
+    let gateway_addr = cluster.addrs.gateway.clone();
     for (out, extra) in [(&via, vec!["--via-gateway", gateway_addr.as_str()]), (&local, vec![])] {
         let out_s = out.display().to_string();
         let mut args = vec!["--config", config.as_str(), "eval", "--stage", "two-stage", "--split", "test", "--sample", "12", "--json", out_s.as_str()];
@@ -156,8 +114,8 @@ async fn cluster_end_to_end() {
         .into_inner();
     assert_eq!(appended.history_length, 2);
     cluster.gateway.kill();
-    cluster.gateway = start("gateway", "gateway", &cluster.config());
-    wait_serving(&cluster.gateway_addr, Duration::from_secs(60)).await.unwrap();
+    cluster.gateway = setup::start("gateway", &cluster.config);
+    wait_serving(&cluster.addrs.gateway, Duration::from_secs(60)).await.unwrap();
     let mut client = cluster.client().await;
     let events = client.get_history(GetHistoryRequest { user_id: "new-user".into(), limit: 0 }).await.unwrap().into_inner().events;
     assert_eq!(events.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>(), ["50", "181"]);
@@ -171,8 +129,8 @@ async fn cluster_end_to_end() {
     assert_eq!(r.items.iter().map(|i| i.retriever_rank).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
 
     // Ranker restarted: ranking resumes.
-    cluster.ranker = start("ranker", "ranker-service", &cluster.config());
-    wait_serving(&cluster.ranker_addr, Duration::from_secs(180)).await.unwrap();
+    cluster.ranker = setup::start("ranker", &cluster.config);
+    wait_serving(&cluster.addrs.ranker, Duration::from_secs(180)).await.unwrap();
     let mut resumed = false;
     for _ in 0..20 {
         let r = client.recommend(recommend("42", 10)).await.unwrap().into_inner();

@@ -6,42 +6,10 @@ use gateway::replay::Report;
 use gateway::traffic::{read_traffic, TrafficRecord};
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{Event, InlineHistory, RecommendOptions, RecommendRequest};
-use llamarec_tests::{binary, free_port, repo_root, wait_serving, Process};
+use llamarec_tests::setup::{self, Addrs, Extra, Store};
+use llamarec_tests::{binary, repo_root, wait_serving};
 use std::path::Path;
 use std::time::Duration;
-
-fn config_file(dir: &Path, retriever: &str, gateway: &str, traffic: &Path) -> String {
-    let path = dir.join("replay.toml");
-    let text = format!(
-        r#"
-[telemetry]
-log_level = "warn"
-
-[retriever]
-listen = "{retriever}"
-metrics_listen = "127.0.0.1:{rm}"
-
-[gateway]
-listen = "{gateway}"
-metrics_listen = "127.0.0.1:{gm}"
-retriever = "{retriever}"
-[gateway.rankers]
-addresses = []
-[gateway.store]
-kind = "embedded"
-path = "{store}"
-[gateway.traffic]
-sample_rate = 1.0
-path = "{traffic}"
-"#,
-        rm = free_port(),
-        gm = free_port(),
-        store = dir.join("histories.redb").display(),
-        traffic = traffic.display(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
 
 fn llamarec(args: &[&str]) {
     let status = std::process::Command::new(binary("llamarec")).args(args).current_dir(repo_root()).status().unwrap();
@@ -70,12 +38,14 @@ fn captured(path: &Path, n: usize) -> Vec<TrafficRecord> {
 async fn capture_synth_and_replay() {
     let dir = tempfile::tempdir().unwrap();
     let traffic_path = dir.path().join("captured/traffic.jsonl");
-    let retriever_addr = format!("127.0.0.1:{}", free_port());
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let config = config_file(dir.path(), &retriever_addr, &gateway_addr, &traffic_path);
-    let _retriever = Process::start("retriever", &binary("retriever-service"), &["--config", &config], &[]);
-    let _gateway = Process::start("gateway", &binary("gateway"), &["--config", &config], &[]);
-    for addr in [&retriever_addr, &gateway_addr] {
+    let addrs = Addrs::new();
+    let capture = format!("traffic = {{ sample_rate = 1.0, path = \"{}\" }}", traffic_path.display());
+    let extra = Extra { log_level: Some("warn"), gateway: &capture, ..Default::default() };
+    let config = setup::write_config(dir.path(), &addrs, &[], &Store::Embedded, &extra);
+    let _retriever = setup::start("retriever", &config);
+    let _gateway = setup::start("gateway", &config);
+    let gateway_addr = &addrs.gateway;
+    for addr in [&addrs.retriever, gateway_addr] {
         wait_serving(addr, Duration::from_secs(180)).await.unwrap();
     }
 
@@ -122,7 +92,7 @@ async fn capture_synth_and_replay() {
     // 3. Replay it at the recorded rate, sped up, over three connections: every request answered.
     let json = dir.path().join("report.json");
     let json_s = json.display().to_string();
-    llamarec(&["--config", &config, "replay", "--traffic", &synth_s, "--gateway", &gateway_addr, "--speed", "2", "--connections", "3", "--json", &json_s]);
+    llamarec(&["--config", &config, "replay", "--traffic", &synth_s, "--gateway", gateway_addr, "--speed", "2", "--connections", "3", "--json", &json_s]);
     let r = report(&json);
     assert_eq!(r.sent, synthetic.len() as u64);
     assert_eq!(r.sent, r.completed + r.errors);
@@ -146,7 +116,7 @@ async fn capture_synth_and_replay() {
     let capture_copy = dir.path().join("capture-copy.jsonl");
     std::fs::write(&capture_copy, records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect::<String>()).unwrap();
     let capture_s = capture_copy.display().to_string();
-    llamarec(&["--config", &config, "replay", "--traffic", &capture_s, "--gateway", &gateway_addr, "--rate", "20", "--duration", "1", "--arrivals", "uniform", "--json", &json_s]);
+    llamarec(&["--config", &config, "replay", "--traffic", &capture_s, "--gateway", gateway_addr, "--rate", "20", "--duration", "1", "--arrivals", "uniform", "--json", &json_s]);
     let r = report(&json);
     assert_eq!(r.sent, 20);
     assert_eq!(r.completed, 16);
