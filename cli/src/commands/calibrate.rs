@@ -66,6 +66,32 @@ impl Case {
     }
 }
 
+/// What `calibrate` and `eval-report` start from, before any LLM is loaded.
+pub struct EvalSetup {
+    /// The configured data set.
+    pub dataset: Dataset,
+    /// The in-process retriever for it.
+    pub retriever: Retriever,
+    /// `[gateway]`: candidates, prompt history, fusion weight.
+    pub gateway: GatewayConfig,
+    /// The ranker's adapter: the one passed, else `[ranker] adapter`; None = the base model.
+    pub adapter: Option<PathBuf>,
+}
+
+impl EvalSetup {
+    /// Reads the sections, loads the data set and the retriever, and picks the adapter.
+    pub fn load(layers: &ConfigLayers, adapter: Option<PathBuf>) -> Result<Self> {
+        let assets = layers.section::<AssetsConfig>()?;
+        let data = layers.section::<DataConfig>()?;
+        let gateway = layers.section::<GatewayConfig>()?;
+        let section = layers.section::<RankerServiceConfig>()?;
+        let dataset = Dataset::load(&data, &assets.dir)?;
+        let retriever = super::eval_retriever::load_for(layers, &dataset)?;
+        let adapter = adapter.or(section.adapter);
+        Ok(Self { dataset, retriever, gateway, adapter })
+    }
+}
+
 /// The `[ranker]` model with an optional adapter merged, dense f32 on the CPU.
 pub fn load_ranker(layers: &ConfigLayers, adapter: Option<&Path>) -> Result<Ranker> {
     let assets = layers.section::<AssetsConfig>()?;
@@ -130,13 +156,7 @@ pub fn run(layers: &ConfigLayers, args: CalibrateArgs) -> Result<()> {
         bail!("--step must be within (0, 1]");
     }
     let start = Instant::now();
-    let assets = layers.section::<AssetsConfig>()?;
-    let data = layers.section::<DataConfig>()?;
-    let gateway = layers.section::<GatewayConfig>()?;
-    let section = layers.section::<RankerServiceConfig>()?;
-    let dataset = Dataset::load(&data, &assets.dir)?;
-    let retriever = super::eval_retriever::load_for(layers, &dataset)?;
-    let adapter = args.adapter.clone().or(section.adapter.clone());
+    let EvalSetup { dataset, retriever, gateway, adapter } = EvalSetup::load(layers, args.adapter.clone())?;
     let ranker = load_ranker(layers, adapter.as_deref())?;
     let examples: Vec<_> = dataset.eval_examples(Split::Validation).take(args.sample.unwrap_or(usize::MAX)).collect();
     let n = gateway.default_candidates as usize;

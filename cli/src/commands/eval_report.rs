@@ -7,17 +7,15 @@
 //! method's rank is beyond N, a miss at every K <= N.
 
 use anyhow::{Context, Result};
-use gateway::config::GatewayConfig;
-use llamarec_common::config::{AssetsConfig, ConfigLayers};
-use llamarec_common::data::{DataConfig, Dataset, Split};
+use llamarec_common::config::ConfigLayers;
+use llamarec_common::data::Split;
 use llamarec_common::metrics::{MetricReport, TwoStageAccumulator, TwoStageReport};
-use ranker_service::service_config::RankerServiceConfig;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::calibrate::{collect_cases, load_ranker, Case};
+use super::calibrate::{collect_cases, load_ranker, Case, EvalSetup};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalReportArgs {
@@ -105,13 +103,7 @@ fn markdown(report: &Report, command: &str) -> String {
 
 pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
     let start = Instant::now();
-    let assets = layers.section::<AssetsConfig>()?;
-    let data = layers.section::<DataConfig>()?;
-    let gateway = layers.section::<GatewayConfig>()?;
-    let section = layers.section::<RankerServiceConfig>()?;
-    let dataset = Dataset::load(&data, &assets.dir)?;
-    let retriever = super::eval_retriever::load_for(layers, &dataset)?;
-    let adapter = args.adapter.clone().or(section.adapter.clone());
+    let EvalSetup { dataset, retriever, gateway, adapter } = EvalSetup::load(layers, args.adapter.clone())?;
     let weight = args.weight.unwrap_or(gateway.ranker_weight);
     let untuned = load_ranker(layers, None)?;
     let tuned = adapter.as_deref().map(|a| load_ranker(layers, Some(a))).transpose()?;
