@@ -105,7 +105,7 @@ impl<S: HistoryStore> GatewayService<S> {
                 Err(GatewayError::Retriever { status, .. }) if status.code() == Code::FailedPrecondition => self.dense.refused(status.message()),
                 // A retriever that ignores indices (older than the field) sees an empty history.
                 Ok(response) if response.popularity_fallback && nonempty => self.dense.refused("the retriever ignored history_indices"),
-                Ok(response) => return self.from_indices(response),
+                Ok(response) => return self.resolve_indices(response),
                 Err(e) => return Err(e),
             }
         }
@@ -116,7 +116,7 @@ impl<S: HistoryStore> GatewayService<S> {
     }
 
     /// Candidates of an `indices_only` answer, with ids and titles from the gateway's catalog.
-    fn from_indices(&self, response: RetrieveResponse) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+    fn resolve_indices(&self, response: RetrieveResponse) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
         let items = response
             .items
             .into_iter()

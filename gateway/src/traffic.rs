@@ -90,7 +90,7 @@ pub struct TrafficRecord {
 impl TrafficRecord {
     /// The record of `req`, arrived `offset` after the capture started.
     pub fn from_request(req: &RecommendRequest, offset: Duration, unix_ms: Option<u64>, deadline: Option<Duration>) -> Self {
-        let options = req.options.clone().unwrap_or_default();
+        let options = req.options.unwrap_or_default();
         Self {
             offset_ms: offset.as_secs_f64() * 1e3,
             unix_ms,
@@ -149,7 +149,7 @@ pub fn write_traffic<'a>(out: &mut impl Write, records: impl IntoIterator<Item =
 /// retriever only. No inline histories: the gateway reads each user's stored one.
 pub fn synth(users: &[String], rate: f64, duration: Duration, skip_ranker_share: f64, k: u32, candidates: u32, seed: u64) -> Vec<TrafficRecord> {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7aff1c);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f7a_ff1c);
     crate::replay::poisson_offsets(rate, duration, seed)
         .into_iter()
         .filter(|_| !users.is_empty())

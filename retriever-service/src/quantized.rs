@@ -27,7 +27,7 @@ pub struct QuantizedEmbedding {
 impl QuantizedEmbedding {
     /// Quantises `embedding` (rows of width `dim`).
     pub fn new(embedding: &[f32], dim: usize) -> Self {
-        assert!(dim > 0 && embedding.len() % dim == 0, "embedding must be whole rows of width {dim}");
+        assert!(dim > 0 && embedding.len().is_multiple_of(dim), "embedding must be whole rows of width {dim}");
         assert!(dim <= 4096, "rows wider than 4096 could overflow the i32 dot product");
         let rows = embedding.len() / dim;
         let mut codes = vec![0i8; embedding.len()];
