@@ -20,25 +20,8 @@ interval=10
 bin=./target/release/llamarec
 mkdir -p "$out"
 
-export LLAMAREC_GATEWAY__LISTEN=127.0.0.1:50150 LLAMAREC_GATEWAY__METRICS_LISTEN=127.0.0.1:9190
-export LLAMAREC_GATEWAY__RETRIEVER=127.0.0.1:50151 LLAMAREC_GATEWAY__RANKERS__ADDRESSES='["127.0.0.1:50152"]'
-export LLAMAREC_RETRIEVER__METRICS_LISTEN=127.0.0.1:9191 LLAMAREC_RANKER__METRICS_LISTEN=127.0.0.1:9192
-export LLAMAREC_GATEWAY__STORE__PATH="$out/histories.redb" LLAMAREC_TELEMETRY__LOG_LEVEL=warn
-
-"$bin" up >"$out/cluster.log" 2>&1 &
-up_pid=$!
-trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-  grep -q "cluster is up" "$out/cluster.log" && break
-  sleep 1
-done
-grep -q "cluster is up" "$out/cluster.log" || { echo "cluster did not come up; see $out/cluster.log" >&2; exit 1; }
-
-pid_of() { pgrep -P "$up_pid" -f "$1" | head -n 1; }
-gateway=$(pid_of "serve gateway")
-retriever=$(pid_of "serve retriever")
-ranker=$(pid_of "serve ranker")
-[[ -n "$gateway" && -n "$retriever" && -n "$ranker" ]] || { echo "could not find the three service processes under pid $up_pid" >&2; pgrep -a -P "$up_pid" >&2; exit 1; }
+source deploy/local/cluster.sh
+start_cluster 100 "$out" "$out/cluster.log"
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 "$bin" traffic synth --out "$out/traffic.jsonl" --rate "$rate" --duration 60 --skip-ranker-share "$skip_share" >/dev/null
