@@ -36,6 +36,7 @@ pub struct GatewayService<S> {
     in_flight: Arc<Semaphore>,
     traffic: Option<crate::traffic::TrafficRecorder>,
     dense: DenseIndices,
+    stages: StageMetrics,
 }
 
 /// Why the ranker's scores are missing.
@@ -55,7 +56,7 @@ impl<S: HistoryStore> GatewayService<S> {
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let dense = DenseIndices::new(config.retrieve_dense_indices, catalog.fingerprint());
-        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None, dense }
+        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None, dense, stages: StageMetrics::register() }
     }
 
     /// Records a sampled share of Recommend requests (see [`crate::traffic`]).
@@ -254,8 +255,21 @@ fn to_proto(m: Merged) -> RecommendedItem {
     }
 }
 
-fn record_stage(stage: &'static str, d: Duration) {
-    metrics::histogram!("llamarec_gateway_stage_duration_seconds", "stage" => stage).record(d.as_secs_f64());
+/// `llamarec_gateway_stage_duration_seconds` per stage, registered once when the service is
+/// built (after the exporter is installed): the `histogram!` macro would build and hash the
+/// labelled key on every call, four times per Recommend.
+struct StageMetrics {
+    history: metrics::Histogram,
+    retrieve: metrics::Histogram,
+    rank: metrics::Histogram,
+    total: metrics::Histogram,
+}
+
+impl StageMetrics {
+    fn register() -> Self {
+        let stage = |stage: &'static str| metrics::histogram!("llamarec_gateway_stage_duration_seconds", "stage" => stage);
+        Self { history: stage("history"), retrieve: stage("retrieve"), rank: stage("rank"), total: stage("total") }
+    }
 }
 
 #[tonic::async_trait]
@@ -286,14 +300,14 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
             }
         };
         let history_us = micros(start.elapsed());
-        record_stage("history", start.elapsed());
+        self.stages.history.record(start.elapsed().as_secs_f64());
         let history_length = history.len() as u32;
         let history = &history[history.len().saturating_sub(self.config.max_history)..];
 
         let t = Instant::now();
         let (retrieved, retriever_model) = self.retrieve(history, k.max(n), &deadline, &request_id).await?;
         let retrieve_time = t.elapsed();
-        record_stage("retrieve", retrieve_time);
+        self.stages.retrieve.record(retrieve_time.as_secs_f64());
 
         let candidates = &retrieved[..n.min(retrieved.len())];
         let t = Instant::now();
@@ -306,14 +320,14 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
             }
         };
         let rank_time = if options.skip_ranker { Duration::ZERO } else { t.elapsed() };
-        record_stage("rank", rank_time);
+        self.stages.rank.record(rank_time.as_secs_f64());
 
         let items = merge(&retrieved, &ranked, self.config.ranker_weight, k).into_iter().map(to_proto).collect();
         if let Some(d) = &degraded {
             metrics::counter!("llamarec_gateway_degraded_total", "reason" => d.reason.as_str_name()).increment(1);
             tracing::warn!(reason = d.reason.as_str_name(), detail = %d.detail, "recommendation degraded to retriever order");
         }
-        record_stage("total", start.elapsed());
+        self.stages.total.record(start.elapsed().as_secs_f64());
         Ok(Response::new(RecommendResponse {
             items,
             degraded: degraded.is_some(),
