@@ -57,6 +57,10 @@ async fn indices_give_the_same_answers_as_ids_and_another_catalog_gets_ids() {
     let (_ids, ids) = gateway(dirs[2].path(), &shipped_addr, "retrieve_dense_indices = false").await;
     assert_eq!(answers(&dense.gateway).await, answers(&ids.gateway).await, "both paths give the same candidates and scores");
     assert_eq!(refused(&dense), 0.0, "the shipped retriever shares the gateway's catalog: {REFUSED}");
+    // Stage histograms are registered once at start; they must still reach the exporter.
+    let page = setup::scrape(dense.gateway_metrics);
+    let total = format!("llamarec_gateway_stage_duration_seconds_count{{stage=\"total\"}} {}", USERS.len());
+    assert!(page.contains(&total), "{total} missing from the gateway's metrics");
 
     // The shipped checkpoint with two items' ids swapped: another catalog (fingerprint) for the
     // same weights. The gateway's indices are refused once; it sends ids from then on.
