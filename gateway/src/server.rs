@@ -69,7 +69,10 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         tracing::info!(users = dataset.users.len(), "seeded the history store from the data set");
     }
     drop(dataset);
-    let histories = Arc::new(HistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)));
+    let resolver = catalog.clone();
+    let histories = Arc::new(
+        HistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)),
+    );
 
     let retriever = RetrieverClient::new(
         Endpoint::from_shared(format!("http://{}", config.retriever))?

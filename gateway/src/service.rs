@@ -5,7 +5,7 @@ use crate::config::GatewayConfig;
 use crate::deadline::{parse_grpc_timeout, Deadline};
 use crate::dense::DenseIndices;
 use crate::error::GatewayError;
-use crate::history::{HistoryCache, HistoryStore, StoredEvent};
+use crate::history::{CachedHistory, HistoryCache, HistoryStore, StoredEvent};
 use crate::merge::{log_softmax, merge, Merged, Ranked, Retrieved};
 use crate::ranker_pool::{PickError, RankerPool};
 use crate::validate;
@@ -79,20 +79,24 @@ impl<S: HistoryStore> GatewayService<S> {
 
     /// The stored history to recommend from, after appending the request's events (the request
     /// passed [`validate::recommend`] and carries no inline history).
-    async fn stored_history(&self, req: &RecommendRequest) -> Result<Arc<Vec<StoredEvent>>, GatewayError> {
+    async fn stored_history(&self, req: &RecommendRequest) -> Result<Arc<CachedHistory>, GatewayError> {
         if !req.append_events.is_empty() {
             self.histories.append(&req.user_id, &Self::stored_events(&req.append_events)).await?;
         }
         Ok(self.histories.read(&req.user_id).await?.0)
     }
 
-    /// Top `want` candidates for `history` (external ids, oldest first). Sends dense indices when
-    /// the retriever shares the gateway's catalog, ids otherwise or after it refused indices.
-    async fn retrieve(&self, history: &[&str], want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
+    /// Top `want` candidates for `history` (external ids, oldest first; `indices`: the same as
+    /// dense indices when the cache has them). Sends dense indices when the retriever shares the
+    /// gateway's catalog, ids otherwise or after it refused indices.
+    async fn retrieve(&self, history: &[&str], indices: Option<&[u32]>, want: usize, deadline: &Deadline, request_id: &str) -> Result<(Vec<Retrieved>, ModelVersion), GatewayError> {
         let dense = self.dense.fingerprint().and_then(|fingerprint| {
             // An id the catalog lacks (the data set changed under a stored history) goes as an
             // id, so the retriever names it in its error.
-            let indices: Option<Vec<u32>> = history.iter().map(|id| self.catalog.index_of(id)).collect();
+            let indices: Option<Vec<u32>> = match indices {
+                Some(known) => Some(known.to_vec()),
+                None => history.iter().map(|id| self.catalog.index_of(id)).collect(),
+            };
             indices.map(|history_indices| RetrieveRequest {
                 history_indices,
                 catalog_fingerprint: fingerprint,
@@ -292,20 +296,21 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
 
         // Borrowed ids, not copies: the stored history is shared with the cache.
         let stored;
-        let history: Vec<&str> = match &req.inline_history {
-            Some(inline) => inline.item_ids.iter().map(String::as_str).collect(),
+        let (history, indices): (Vec<&str>, Option<&[u32]>) = match &req.inline_history {
+            Some(inline) => (inline.item_ids.iter().map(String::as_str).collect(), None),
             None => {
                 stored = self.stored_history(&req).await?;
-                stored.iter().map(|e| e.item_id.as_str()).collect()
+                (stored.events.iter().map(|e| e.item_id.as_str()).collect(), stored.indices.as_deref())
             }
         };
         let history_us = micros(start.elapsed());
         self.stages.history.record(start.elapsed().as_secs_f64());
         let history_length = history.len() as u32;
-        let history = &history[history.len().saturating_sub(self.config.max_history)..];
+        let skip = history.len().saturating_sub(self.config.max_history);
+        let (history, indices) = (&history[skip..], indices.map(|i| &i[skip..]));
 
         let t = Instant::now();
-        let (retrieved, retriever_model) = self.retrieve(history, k.max(n), &deadline, &request_id).await?;
+        let (retrieved, retriever_model) = self.retrieve(history, indices, k.max(n), &deadline, &request_id).await?;
         let retrieve_time = t.elapsed();
         self.stages.retrieve.record(retrieve_time.as_secs_f64());
 
@@ -360,7 +365,8 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let _permit = self.admit()?;
         let req = request.into_inner();
         validate::get_history(&self.config, &req)?;
-        let (events, _) = self.histories.read(&req.user_id).await.map_err(GatewayError::from)?;
+        let (history, _) = self.histories.read(&req.user_id).await.map_err(GatewayError::from)?;
+        let events = &history.events;
         let skip = if req.limit == 0 { 0 } else { events.len().saturating_sub(req.limit as usize) };
         let events = events[skip..].iter().map(|e| Event { item_id: e.item_id.clone(), timestamp_ms: e.timestamp_ms }).collect();
         Ok(Response::new(GetHistoryResponse { events }))

@@ -4,7 +4,7 @@ mod cache;
 mod embedded;
 mod redis_store;
 
-pub use cache::HistoryCache;
+pub use cache::{CachedHistory, HistoryCache};
 pub use embedded::EmbeddedStore;
 pub use redis_store::RedisStore;
 
