@@ -4,8 +4,9 @@
 # and after. On a machine where the load generator shares the cores with the cluster, the sum
 # of the three columns bounds the throughput (cores / CPU per request).
 #
-#   deploy/local/cpu_per_request.sh [RATE=2500] [SECONDS=10] [LABEL=current] [OUT=runs/bench/cpu]
+#   deploy/local/cpu_per_request.sh [RATES=2500] [SECONDS=10] [LABEL=current] [OUT=runs/bench/cpu]
 #
+# RATES: requests per second, or a comma-separated list run one after another on one cluster.
 # BIN=path/to/llamarec picks another build (to compare builds side by side); LLAMAREC_* variables
 # override the configuration as usual (e.g. LLAMAREC_GATEWAY__RETRIEVE_DENSE_INDICES=false).
 # Appends one JSON line to OUT/cpu_per_request.jsonl and prints it. Ports are offset (+200) from
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-rate=${1:-2500}
+rate=${1:-2500}  # one rate or a comma-separated list
 seconds=${2:-10}
 label=${3:-current}
 out=${4:-runs/bench/cpu}
@@ -30,16 +31,17 @@ traffic="$out/traffic.jsonl"
 # Warm-up: every user's retriever state and history cached, connections open.
 "$bin" replay --traffic "$traffic" --gateway "$LLAMAREC_GATEWAY__LISTEN" --rate 1000 --duration 4 >/dev/null
 
-g0=$(ticks "$gateway"); r0=$(ticks "$retriever")
 # The load generator's CPU arrives in this shell's cutime + cstime once it is reaped.
 children() { awk '{print $16 + $17}' "/proc/$$/stat"; }
-load0=$(children)
-"$bin" replay --traffic "$traffic" --gateway "$LLAMAREC_GATEWAY__LISTEN" --rate "$rate" --duration "$seconds" --json "$out/replay-$label.json" >/dev/null &
-wait $!
-g1=$(ticks "$gateway"); r1=$(ticks "$retriever")
-load1=$(children)
 hz=$(getconf CLK_TCK)
-python3 - "$out/replay-$label.json" "$label" "$rate" "$hz" "$((g1 - g0))" "$((r1 - r0))" "$((load1 - load0))" <<'PY' | tee -a "$out/cpu_per_request.jsonl"
+for r in ${rate//,/ }; do
+  g0=$(ticks "$gateway"); r0=$(ticks "$retriever")
+  load0=$(children)
+  "$bin" replay --traffic "$traffic" --gateway "$LLAMAREC_GATEWAY__LISTEN" --rate "$r" --duration "$seconds" --json "$out/replay-$label-$r.json" >/dev/null &
+  wait $!
+  g1=$(ticks "$gateway"); r1=$(ticks "$retriever")
+  load1=$(children)
+  python3 - "$out/replay-$label-$r.json" "$label" "$r" "$hz" "$((g1 - g0))" "$((r1 - r0))" "$((load1 - load0))" <<'PY' | tee -a "$out/cpu_per_request.jsonl"
 import json, sys
 report, label, rate, hz, g, r, l = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), *map(int, sys.argv[5:8])
 rep = json.load(open(report))
@@ -50,3 +52,4 @@ print(json.dumps({"label": label, "offered_rps": rate, "completed": done, "error
   "throughput_rps": round(rep["throughput"], 1), "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
   "cpu_us_per_request": {"gateway": us(g), "retriever": us(r), "load_generator": us(l)}}))
 PY
+done
