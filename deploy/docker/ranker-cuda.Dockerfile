@@ -58,6 +58,8 @@ ENV LLAMAREC_CONFIG=/etc/llamarec/llamarec.toml \
 WORKDIR /var/lib/llamarec
 COPY --from=builder /src/target/release/llamarec /usr/local/bin/llamarec
 COPY --from=builder /src/target/release/ranker-service /usr/local/bin/ranker-service
+# The shipped LoRA adapter (~2 MB, committed under ranker-service/adapters).
+COPY ranker-service/adapters /opt/llamarec/adapters
 USER 10001:10001
 EXPOSE 50052 9092
 HEALTHCHECK --interval=10s --timeout=8s --start-period=180s --retries=3 \

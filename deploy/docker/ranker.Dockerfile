@@ -43,6 +43,8 @@ WORKDIR /var/lib/llamarec
 # `llamarec health ADDR` is the grpc.health.v1 check (exit 0 on SERVING), used by HEALTHCHECK.
 COPY --from=builder /src/target/release/llamarec /usr/local/bin/llamarec
 COPY --from=builder /src/target/release/ranker-service /usr/local/bin/ranker-service
+# The shipped LoRA adapter (~2 MB, committed under ranker-service/adapters).
+COPY ranker-service/adapters /opt/llamarec/adapters
 USER 10001:10001
 EXPOSE 50052 9092
 # SERVING only once the model is loaded and warmed (tens of seconds on CPU): a long start period.

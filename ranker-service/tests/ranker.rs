@@ -114,3 +114,37 @@ fn a_peft_adapter_directory_is_merged_at_load_and_scores_like_the_unmerged_lora_
         .unwrap();
     assert!(max_abs_diff(&merged.logits, &reference) <= 1e-3);
 }
+
+/// The adapter `llamarec up` loads by default (`[ranker] adapter` in the shipped config): a PEFT
+/// directory written by `llamarec train ranker`, with its training report beside it. It must load,
+/// match the report's recipe, and change the scores.
+#[test]
+fn the_shipped_adapter_loads_and_changes_the_scores() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let shipped = std::fs::read_to_string(root.join("deploy/local/llamarec.toml")).unwrap();
+    let line = shipped
+        .lines()
+        .find(|l| l.trim_start().starts_with("adapter ="))
+        .expect("the shipped config sets [ranker] adapter");
+    let dir = root.join(line.split('"').nth(1).expect("a quoted path"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training_report.json")).unwrap())
+            .unwrap();
+    let peft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(peft["r"], report["config"]["r"]);
+    assert!(report["best_step"].as_u64().unwrap() > 0, "the report names a trained step");
+
+    let config = RankerModelConfig {
+        model: require_model(),
+        tokenizer: None,
+        precision: WeightPrecision::F32,
+        template: PromptTemplate::alpaca(),
+    };
+    let tuned = Ranker::load_with_adapter(&config, Some(&dir), &LoadOptions::default()).unwrap();
+    let (history, candidates) = movielens_request();
+    let base = ranker().score(&history, &candidates).unwrap();
+    let merged = tuned.score(&history, &candidates).unwrap();
+    assert!(max_abs_diff(&merged.logits, &base.logits) > 1e-2, "the adapter changes the scores");
+}
