@@ -15,7 +15,7 @@ use llamarec_common::config::{AssetsConfig, ConfigLayers, SHIPPED_CONFIG};
 use llamarec_common::data::{DataConfig, Dataset, EvalExample, Split};
 use llamarec_common::metrics::TwoStageAccumulator;
 use ranker_service::service_config::RankerServiceConfig;
-use ranker_service::{LoadOptions, Ranker, WeightPrecision};
+use ranker_service::{Ranker, WeightPrecision};
 use retriever_service::Retriever;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,13 +92,13 @@ impl EvalSetup {
     }
 }
 
-/// The `[ranker]` model with an optional adapter merged, dense f32 on the CPU.
+/// The `[ranker]` model with an optional adapter merged, dense f32 on the `[ranker]` device.
 pub fn load_ranker(layers: &ConfigLayers, adapter: Option<&Path>) -> Result<Ranker> {
     let assets = layers.section::<AssetsConfig>()?;
     let section = layers.section::<RankerServiceConfig>()?;
     let mut model = section.model_config(&assets);
     model.precision = WeightPrecision::F32;
-    Ranker::load_with_adapter(&model, adapter, &LoadOptions::default())
+    Ranker::load_with_adapter(&model, adapter, &super::train_ranker::dense_on_device(&section)?)
         .with_context(|| format!("loading {}{}", model.model.display(), adapter.map(|a| format!(" with adapter {}", a.display())).unwrap_or_default()))
 }
 

@@ -91,13 +91,19 @@ pub fn validation_cases(dataset: &Dataset, retriever: &Retriever, split: Split, 
         .collect()
 }
 
-/// The configured base model on the CPU with dense f32 weights (what LoRA trains on).
+/// The configured base model with dense f32 weights (what LoRA trains on), on the `[ranker]
+/// device (`cuda:0` for the GPU recipe).
 pub fn load_base(layers: &ConfigLayers) -> Result<Ranker> {
     let assets = layers.section::<AssetsConfig>()?;
     let section = layers.section::<RankerServiceConfig>()?;
     let mut model = section.model_config(&assets);
     model.precision = WeightPrecision::F32;
-    Ranker::load(&model, &LoadOptions::default()).with_context(|| format!("loading {} (run `llamarec fetch`?)", model.model.display()))
+    Ranker::load(&model, &dense_on_device(&section)?).with_context(|| format!("loading {} (run `llamarec fetch`?)", model.model.display()))
+}
+
+/// Dense f32 weights on the `[ranker]` device.
+pub fn dense_on_device(section: &RankerServiceConfig) -> Result<LoadOptions> {
+    Ok(LoadOptions { device: ranker_service::server::device(section.device_spec())?, ..LoadOptions::default() })
 }
 
 pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
