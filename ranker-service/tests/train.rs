@@ -188,22 +188,21 @@ fn a_few_steps_lower_the_loss_and_touch_only_lora() {
             )
         })
         .collect();
+    let loss = |ids: &[u32], y: usize| {
+        train::example_loss(
+            &model,
+            &lora.adapter,
+            &verbalizer,
+            ids,
+            y,
+            20,
+            LossKind::AnswerToken,
+        )
+        .unwrap()
+    };
     let mean_loss = || -> f64 {
         data.iter()
-            .map(|(ids, y)| {
-                train::example_loss(
-                    &model,
-                    &lora.adapter,
-                    &verbalizer,
-                    ids,
-                    *y,
-                    20,
-                    LossKind::AnswerToken,
-                )
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-            })
+            .map(|(ids, y)| loss(ids, *y).to_scalar::<f32>().unwrap() as f64)
             .sum::<f64>()
             / 4.0
     };
@@ -222,18 +221,7 @@ fn a_few_steps_lower_the_loss_and_touch_only_lora() {
         // One optimizer step over all four examples (gradient accumulation).
         let mut acc: Vec<Option<Tensor>> = vec![None; lora.params.len()];
         for (ids, y) in &data {
-            let l = (train::example_loss(
-                &model,
-                &lora.adapter,
-                &verbalizer,
-                ids,
-                *y,
-                20,
-                LossKind::AnswerToken,
-            )
-            .unwrap()
-                / 4.0)
-                .unwrap();
+            let l = (loss(ids, *y) / 4.0).unwrap();
             let g = l.backward().unwrap();
             for (slot, p) in acc.iter_mut().zip(&lora.params) {
                 let gi = g.get(p.var.as_tensor()).unwrap().clone();

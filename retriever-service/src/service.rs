@@ -79,7 +79,8 @@ impl RetrieverService {
 
     /// Dense indices of the request's history (`history` or `history_indices`), after checking
     /// k, the history and the catalog fingerprint against the limits.
-    fn validate(&self, req: &RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
+    /// Takes `history_indices` out of the request instead of copying it.
+    fn validate(&self, req: &mut RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
         if req.k == 0 || req.k > self.max_k {
             return Err(ServiceError::InvalidArgument(format!("k is {}; it must be within 1..={} ([retriever] max_k)", req.k, self.max_k)));
         }
@@ -111,7 +112,7 @@ impl RetrieverService {
             if let Some((i, index)) = req.history_indices.iter().enumerate().find(|(_, &x)| x == 0 || x > num_items) {
                 return Err(ServiceError::InvalidArgument(format!("history_indices[{i}] is {index}; it must be within 1..={num_items}")));
             }
-            return Ok(req.history_indices.clone());
+            return Ok(std::mem::take(&mut req.history_indices));
         }
         req.history
             .iter()
@@ -129,9 +130,9 @@ impl RetrieverService {
             .collect()
     }
 
-    async fn retrieve_inner(&self, req: RetrieveRequest) -> Result<RetrieveResponse, ServiceError> {
+    async fn retrieve_inner(&self, mut req: RetrieveRequest) -> Result<RetrieveResponse, ServiceError> {
         let _permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
-        let history = self.validate(&req)?;
+        let history = self.validate(&mut req)?;
         let retriever = self.retriever.clone();
         let (k, exclude, indices_only) = (req.k as usize, req.exclude_history, req.indices_only);
         // A returning user on a small catalog costs tens of microseconds: answered here. Anything
