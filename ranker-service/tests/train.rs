@@ -301,21 +301,19 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
         negatives: train::NegativeKind::Mixed,
         ..Default::default()
     };
+    // Every run below trains the same model on the same examples; only the recipe, the
+    // directory and what is watched change.
+    let run =
+        |cfg: &RankerTrainConfig, dir: &std::path::Path, on_event: &mut dyn FnMut(train::Event)| {
+            train::train(&model, &renderer, &inputs, cfg, dir, true, on_event)
+        };
     let one = tempfile::tempdir().unwrap();
     let mut evals = 0;
-    let report = train::train(
-        &model,
-        &renderer,
-        &inputs,
-        &cfg,
-        one.path(),
-        true,
-        &mut |e| {
-            if let train::Event::Evaluation { .. } = e {
-                evals += 1
-            }
-        },
-    )
+    let report = run(&cfg, one.path(), &mut |e| {
+        if let train::Event::Evaluation { .. } = e {
+            evals += 1
+        }
+    })
     .unwrap();
     assert_eq!((report.examples, report.steps), (8, 4));
     assert_eq!(
@@ -350,34 +348,17 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
     // Stop after 4 examples, then resume to 8.
     let two = tempfile::tempdir().unwrap();
     cfg.max_examples = 4;
-    train::train(
-        &model,
-        &renderer,
-        &inputs,
-        &cfg,
-        two.path(),
-        true,
-        &mut |_| {},
-    )
-    .unwrap();
+    run(&cfg, two.path(), &mut |_| {}).unwrap();
     cfg.max_examples = 8;
     let mut resumed = false;
-    let again = train::train(
-        &model,
-        &renderer,
-        &inputs,
-        &cfg,
-        two.path(),
-        true,
-        &mut |e| {
-            if let train::Event::Start {
-                done, resumed: r, ..
-            } = e
-            {
-                resumed = r && done == 4;
-            }
-        },
-    )
+    let again = run(&cfg, two.path(), &mut |e| {
+        if let train::Event::Start {
+            done, resumed: r, ..
+        } = e
+        {
+            resumed = r && done == 4;
+        }
+    })
     .unwrap();
     assert!(resumed);
     assert_eq!(
@@ -409,18 +390,10 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
     }
     // A different recipe refuses to resume.
     cfg.r = 4;
-    let e = train::train(
-        &model,
-        &renderer,
-        &inputs,
-        &cfg,
-        two.path(),
-        true,
-        &mut |_| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = run(&cfg, two.path(), &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("different recipe"), "{e}");
 }
 
@@ -439,9 +412,20 @@ fn the_ranker_train_section_parses_and_bad_values_name_their_key() {
     let c = load("[ranker]\nthreads = 2\n[ranker.train]\nr = 4\ntargets = [\"q_proj\", \"o_proj\"]\nnegatives = \"mixed\"\nloss = \"letters\"\n").unwrap();
     assert_eq!((c.train.r, c.train.alpha), (4, 32.0));
     assert_eq!(c.train.targets, vec![Projection::QProj, Projection::OProj]);
-    assert_eq!((c.train.negatives, c.train.loss), (train::NegativeKind::Mixed, LossKind::Letters));
-    assert_eq!(load("[ranker]\n").unwrap().train, RankerTrainConfig::default());
-    for (line, key) in [("r = 0", "ranker.train.r"), ("dropout = 1.5", "ranker.train.dropout"), ("targets = [\"lm_head\"]", "ranker.train.targets"), ("epochs = 3", "unknown field `epochs`")] {
+    assert_eq!(
+        (c.train.negatives, c.train.loss),
+        (train::NegativeKind::Mixed, LossKind::Letters)
+    );
+    assert_eq!(
+        load("[ranker]\n").unwrap().train,
+        RankerTrainConfig::default()
+    );
+    for (line, key) in [
+        ("r = 0", "ranker.train.r"),
+        ("dropout = 1.5", "ranker.train.dropout"),
+        ("targets = [\"lm_head\"]", "ranker.train.targets"),
+        ("epochs = 3", "unknown field `epochs`"),
+    ] {
         let e = load(&format!("[ranker.train]\n{line}\n")).unwrap_err();
         assert!(e.contains(key), "{line}: {e}");
     }
