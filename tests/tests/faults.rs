@@ -237,7 +237,9 @@ async fn appends_survive_a_gateway_crash(store: Store) {
     wait_serving(&addrs.gateway, Duration::from_secs(120)).await.unwrap();
 
     let items = ["50", "181", "172", "1", "100", "258", "127", "174"];
-    let acked: Arc<Mutex<Vec<Vec<(String, i64)>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    // Per writer, the (item id, timestamp) events the gateway acknowledged.
+    type Acked = Arc<Mutex<Vec<Vec<(String, i64)>>>>;
+    let acked: Acked = Arc::new(Mutex::new(vec![Vec::new(); 4]));
     let mut writers = Vec::new();
     for w in 0..4 {
         let (acked, addr) = (acked.clone(), addrs.gateway.clone());

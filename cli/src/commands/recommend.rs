@@ -86,7 +86,7 @@ pub async fn run(args: RecommendArgs) -> Result<()> {
     if response.degraded {
         println!("DEGRADED ({}): {}", response.degraded_reason().as_str_name(), response.degraded_detail);
     }
-    println!("{:>3}  {:>8}  {:>5}  {:>9}  {:>8}  {}", "#", "item", "r.pos", "ranker lp", "final", "title");
+    println!("{:>3}  {:>8}  {:>5}  {:>9}  {:>8}  title", "#", "item", "r.pos", "ranker lp", "final");
     for (i, item) in response.items.iter().enumerate() {
         let lp = item.ranker_log_prob.map_or("-".to_string(), |x| format!("{x:.3}"));
         println!("{:>3}  {:>8}  {:>5}  {:>9}  {:>8.3}  {}", i + 1, item.item_id, item.retriever_rank, lp, item.final_score, item.title);

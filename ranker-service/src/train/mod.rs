@@ -165,7 +165,7 @@ impl RankerTrainConfig {
         if !(0.0..=1.0).contains(&self.retriever_share) {
             return err("retriever_share", "must be within 0.0 ..= 1.0");
         }
-        if !(self.lr > 0.0) {
+        if self.lr.is_nan() || self.lr <= 0.0 {
             return err("lr", "must be > 0");
         }
         Ok(())
@@ -192,10 +192,13 @@ pub struct TrainInputs<'a> {
     /// Validation users, with the retriever's candidates.
     pub validation: &'a [ValidationCase],
     /// The retriever's top `n` items for a prefix, history excluded (hard negatives).
-    pub hard_negatives: &'a dyn Fn(&[u32], usize) -> Result<Vec<u32>>,
+    pub hard_negatives: &'a HardNegatives<'a>,
     /// Free-form description of the base model and data set, copied into the report.
     pub description: String,
 }
+
+/// The retriever's top `n` items for a prefix (dense ids), history excluded.
+pub type HardNegatives<'a> = dyn Fn(&[u32], usize) -> Result<Vec<u32>> + 'a;
 
 /// Validation metrics of one evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -777,7 +780,7 @@ pub fn train(
             st.steps = step;
             let mean = micro_losses.iter().sum::<f64>() / micro_losses.len() as f64;
             st.step_losses.push(mean);
-            st.losses_since_eval.extend(micro_losses.drain(..));
+            st.losses_since_eval.append(&mut micro_losses);
             micro = 0;
         }
         st.train_seconds += t.elapsed().as_secs_f64();

@@ -39,7 +39,7 @@ impl Rng {
     /// Uniform in `[0, n)`; `n` must be > 0.
     pub fn below(&mut self, n: usize) -> usize {
         // Multiply-shift: bias below 2^-32 for the sizes used here.
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Fisher-Yates shuffle.

@@ -35,7 +35,7 @@ pub struct GatewayBenchArgs {
 }
 
 async fn connect(addr: &str) -> Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.with_context(|| format!("connecting to {addr}"))?)
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.with_context(|| format!("connecting to {addr}"))
 }
 
 fn recommend(user: &str, skip_ranker: bool) -> RecommendRequest {
