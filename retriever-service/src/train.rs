@@ -48,6 +48,11 @@ pub struct TrainConfig {
     pub sliding_step: Option<usize>,
     /// Also train each whole sequence's first item as a prediction from the empty history.
     pub first_item_target: bool,
+    /// Batch windows of similar length (little padding, ~2x faster epochs on ML-100K) instead of
+    /// uniformly at random as the reference code does (the default). Each batch is one optimiser
+    /// step either way, so grouping also gives the few targets of a short-history batch a whole
+    /// step; on ML-100K it selected a checkpoint with lower validation Recall@10.
+    pub group_by_length: bool,
     /// Threads for validation and test scoring.
     pub eval_threads: usize,
     /// Stop (keeping the best checkpoint) once this much wall time has been spent.
@@ -70,6 +75,7 @@ impl Default for TrainConfig {
             seed: 42,
             sliding_step: None,
             first_item_target: true,
+            group_by_length: false,
             eval_threads: 2,
             time_limit_s: None,
             resume: true,
@@ -248,7 +254,11 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         order.sort_unstable();
         let mut shuffle_rng = epoch_rng(config.seed, epoch, 1);
         order.shuffle(&mut shuffle_rng);
-        let batches = length_grouped_batches(&order, &windows, config.batch_size, &mut shuffle_rng);
+        let batches = if config.group_by_length {
+            length_grouped_batches(&order, &windows, config.batch_size, &mut shuffle_rng)
+        } else {
+            order.chunks(config.batch_size).map(<[usize]>::to_vec).collect()
+        };
         let mut dropout_rng = DropoutRng::new(epoch_rng(config.seed, epoch, 2));
         let (mut loss_sum, mut targets_seen) = (0.0f64, 0usize);
         for chunk in &batches {
