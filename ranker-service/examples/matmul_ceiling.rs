@@ -35,6 +35,49 @@ fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
     )
 }
 
+/// `out (m, n) = a (m, k) @ b (k, n)`, all row-major and contiguous, through `gemm` directly on
+/// `threads` threads.
+fn row_major_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    threads: usize,
+) {
+    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three slices hold the row-major matrices the strides describe (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 fn main() {
     let (mut tokens, mut iters) = (623usize, 20usize);
     let mut args = std::env::args().skip(1);
@@ -69,33 +112,8 @@ fn main() {
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ws = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut out = vec![0f32; tokens * n];
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let direct = time(iters, || unsafe {
-            gemm::gemm(
-                tokens,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                xs.as_ptr(),
-                1,
-                k as isize,
-                ws.as_ptr(),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
+        let direct = time(iters, || {
+            row_major_gemm(tokens, n, k, &mut out, &xs, &ws, threads)
         });
         let f = 2.0 * (tokens * k * n) as f64;
         flops += f;
@@ -115,33 +133,8 @@ fn main() {
     let square = 1024usize;
     let a = vec![1f32; square * square];
     let mut c = vec![0f32; square * square];
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    let square_s = time(iters.min(10), || unsafe {
-        gemm::gemm(
-            square,
-            square,
-            square,
-            c.as_mut_ptr(),
-            1,
-            square as isize,
-            false,
-            a.as_ptr(),
-            1,
-            square as isize,
-            a.as_ptr(),
-            1,
-            square as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+    let square_s = time(iters.min(10), || {
+        row_major_gemm(square, square, square, &mut c, &a, &a, threads)
     });
     let square_gflops = 2.0 * (square as f64).powi(3) / square_s / 1e9;
     let layers = 30.0;
