@@ -4,8 +4,12 @@
 //! For every validation user the retriever's top N is fused with the LLM's letter scores exactly
 //! as the gateway fuses them (`gateway::merge`) at each weight of a grid over [0, 1]; the weight
 //! with the best NDCG@10 over all users wins (ties go to the smaller weight, i.e. towards the
-//! retriever). A user whose ground truth is not among the N is a miss at every weight, so the
-//! LLM runs once per user whose ground truth is a candidate, and never for the others.
+//! retriever) if it beats the retriever alone (weight 0) by more than `--min-z` standard errors
+//! of the per-user paired NDCG@10 difference; otherwise the weight is 0. Without that margin a
+//! blend that wins on validation by a few users' worth of noise is shipped and can lose on new
+//! users (seen in session 4: +.0002 on validation, −.0009 on test). A user whose ground truth is
+//! not among the N is a miss at every weight, so the LLM runs once per user whose ground truth is
+//! a candidate, and never for the others.
 
 use anyhow::{bail, Context, Result};
 use gateway::config::GatewayConfig;
@@ -37,6 +41,10 @@ pub struct CalibrateArgs {
     /// Print the table and the choice without writing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Standard errors of the paired per-user NDCG@10 difference by which the best blend must
+    /// beat the retriever alone to be chosen over weight 0.
+    #[arg(long, default_value_t = 2.0)]
+    pub min_z: f64,
 }
 
 /// One evaluated user: the retriever's candidates and, when the target is among them, the
@@ -63,6 +71,34 @@ impl Case {
     /// The retriever's own 1-based rank of the target (None = not among the candidates).
     pub fn retriever_rank(&self) -> Option<usize> {
         self.target_pos.map(|p| p + 1)
+    }
+}
+
+/// NDCG@10 of one user whose target has 1-based rank `rank` (None = not among the candidates).
+fn ndcg_at_10(rank: Option<usize>) -> f64 {
+    match rank {
+        Some(r) if r <= 10 => 1.0 / ((r + 1) as f64).log2(),
+        _ => 0.0,
+    }
+}
+
+/// Mean and standard error of the per-user NDCG@10 gain of fusing at `weight` over the
+/// retriever alone (a paired difference: the same users, the same candidates).
+fn paired_gain(cases: &[Case], weight: f32) -> (f64, f64) {
+    let diffs: Vec<f64> = cases.iter().map(|c| ndcg_at_10(c.fused_rank(0, weight)) - ndcg_at_10(c.retriever_rank())).collect();
+    let n = diffs.len().max(1) as f64;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// The weight to ship: `best` when its gain over weight 0 is more than `min_z` standard errors,
+/// else 0 (the retriever alone).
+fn significant_weight(best: f64, gain: f64, se: f64, min_z: f64) -> f64 {
+    if best > 0.0 && gain > min_z * se && gain > 0.0 {
+        best
+    } else {
+        0.0
     }
 }
 
@@ -155,6 +191,9 @@ pub fn run(layers: &ConfigLayers, args: CalibrateArgs) -> Result<()> {
     if !(args.step > 0.0 && args.step <= 1.0) {
         bail!("--step must be within (0, 1]");
     }
+    if args.min_z.is_nan() || args.min_z < 0.0 {
+        bail!("--min-z must be >= 0");
+    }
     let start = Instant::now();
     let EvalSetup { dataset, retriever, gateway, adapter } = EvalSetup::load(layers, args.adapter.clone())?;
     let ranker = load_ranker(layers, adapter.as_deref())?;
@@ -187,20 +226,32 @@ pub fn run(layers: &ConfigLayers, args: CalibrateArgs) -> Result<()> {
             best = i;
         }
     }
-    let (w, r) = &rows[best];
+    let (best_w, r) = &rows[best];
+    let (gain, se) = paired_gain(&cases, *best_w as f32);
     println!(
-        "best weight {w:.2}: NDCG@10 {:.4} (retriever alone, weight 0: {:.4}; LLM alone, weight 1: {:.4}); {:.0} s",
+        "best weight {best_w:.2}: NDCG@10 {:.4} (retriever alone, weight 0: {:.4}; LLM alone, weight 1: {:.4}); gain over the retriever {gain:+.4} ± {se:.4} (paired standard error); {:.0} s",
         r.all_users.get(10).ndcg,
         rows[0].1.all_users.get(10).ndcg,
         rows[rows.len() - 1].1.all_users.get(10).ndcg,
         start.elapsed().as_secs_f64()
+    );
+    let w = significant_weight(*best_w, gain, se, args.min_z);
+    println!(
+        "chosen weight {w:.2}: {}",
+        if w > 0.0 {
+            format!("the gain is more than {} standard errors", args.min_z)
+        } else if *best_w > 0.0 {
+            format!("the best blend's gain is within {} standard errors of the retriever alone, so the retriever's order is kept", args.min_z)
+        } else {
+            "no blend beats the retriever alone".to_string()
+        }
     );
     if args.dry_run {
         return Ok(());
     }
     let path = args.write.clone().or_else(|| layers.file().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from(SHIPPED_CONFIG));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    std::fs::write(&path, set_ranker_weight(&text, *w)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, set_ranker_weight(&text, w)?).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote [gateway] ranker_weight = {w:.2} into {}", path.display());
     Ok(())
 }
@@ -216,6 +267,31 @@ mod tests {
         assert_eq!(out, text.replace("ranker_weight = 1.0 # inline", "ranker_weight = 0.35 # inline"));
         let added = set_ranker_weight("[gateway]\nlisten = \"x\"\n", 0.5).unwrap();
         assert!(added.contains("ranker_weight = 0.5"), "{added}");
+    }
+
+    #[test]
+    fn a_blend_must_beat_the_retriever_by_a_margin() {
+        assert_eq!(significant_weight(0.05, 0.0002, 0.0010, 2.0), 0.0, "noise-sized gain keeps the retriever");
+        assert_eq!(significant_weight(0.3, 0.0100, 0.0020, 2.0), 0.3);
+        assert_eq!(significant_weight(0.3, 0.0100, 0.0020, 6.0), 0.0);
+        assert_eq!(significant_weight(0.0, 0.0, 0.0, 0.0), 0.0);
+        assert_eq!(significant_weight(0.3, -0.01, 0.001, 0.0), 0.0, "a loss is never chosen");
+    }
+
+    #[test]
+    fn paired_gain_of_a_blend_that_lifts_one_user() {
+        let retrieved: Vec<Retrieved> = (0..4).map(|i| Retrieved { item_id: format!("i{i}"), title: format!("t{i}"), score: 4.0 - i as f32 }).collect();
+        // User 1: the LLM lifts the target from third to first; users 2 and 3 are unchanged.
+        let lifted = Case { retrieved: retrieved.clone(), target_pos: Some(2), logits: vec![vec![0.0, 0.0, 9.0, 0.0]] };
+        let same = Case { retrieved, target_pos: Some(0), logits: vec![vec![9.0, 0.0, 0.0, 0.0]] };
+        let miss = Case { retrieved: Vec::new(), target_pos: None, logits: Vec::new() };
+        let cases = [lifted, same, miss];
+        let (gain, se) = paired_gain(&cases, 1.0);
+        let lift = 1.0 - 1.0 / 4f64.log2(); // rank 3 -> rank 1
+        assert!((gain - lift / 3.0).abs() < 1e-12, "{gain}");
+        // Differences (lift, 0, 0): sample sd = lift / sqrt(3), se = sd / sqrt(3).
+        assert!((se - lift / 3.0).abs() < 1e-12, "{se}");
+        assert_eq!(paired_gain(&cases, 0.0), (0.0, 0.0));
     }
 
     #[test]
