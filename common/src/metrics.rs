@@ -7,6 +7,14 @@ use std::collections::BTreeMap;
 /// The cut-offs reported everywhere.
 pub const DEFAULT_KS: [usize; 4] = [1, 5, 10, 20];
 
+/// One user's NDCG@k: 1/log2(rank+1) for a 1-based `rank` within `k`, else 0 (None = not ranked).
+pub fn ndcg_at(rank: Option<usize>, k: usize) -> f64 {
+    match rank {
+        Some(r) if r <= k => 1.0 / ((r + 1) as f64).log2(),
+        _ => 0.0,
+    }
+}
+
 /// 1-based rank of `target` in a full ranking of `scores` (index = item), ignoring `masked`
 /// items (the user's history) and index 0 (padding).
 ///
@@ -88,7 +96,7 @@ impl MetricAccumulator {
         for (k, sum) in self.ks.iter().zip(&mut self.sums) {
             if rank <= *k {
                 sum.recall += 1.0;
-                sum.ndcg += 1.0 / ((rank + 1) as f64).log2();
+                sum.ndcg += ndcg_at(Some(rank), *k);
                 sum.mrr += 1.0 / rank as f64;
             }
         }

@@ -17,7 +17,7 @@ use gateway::merge::{log_softmax, merge, Ranked, Retrieved};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamarec_common::config::{AssetsConfig, ConfigLayers, SHIPPED_CONFIG};
 use llamarec_common::data::{DataConfig, Dataset, EvalExample, Split};
-use llamarec_common::metrics::TwoStageAccumulator;
+use llamarec_common::metrics::{ndcg_at, TwoStageAccumulator};
 use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::{Ranker, WeightPrecision};
 use retriever_service::Retriever;
@@ -74,18 +74,10 @@ impl Case {
     }
 }
 
-/// NDCG@10 of one user whose target has 1-based rank `rank` (None = not among the candidates).
-fn ndcg_at_10(rank: Option<usize>) -> f64 {
-    match rank {
-        Some(r) if r <= 10 => 1.0 / ((r + 1) as f64).log2(),
-        _ => 0.0,
-    }
-}
-
 /// Mean and standard error of the per-user NDCG@10 gain of fusing at `weight` over the
 /// retriever alone (a paired difference: the same users, the same candidates).
 fn paired_gain(cases: &[Case], weight: f32) -> (f64, f64) {
-    let diffs: Vec<f64> = cases.iter().map(|c| ndcg_at_10(c.fused_rank(0, weight)) - ndcg_at_10(c.retriever_rank())).collect();
+    let diffs: Vec<f64> = cases.iter().map(|c| ndcg_at(c.fused_rank(0, weight), 10) - ndcg_at(c.retriever_rank(), 10)).collect();
     let n = diffs.len().max(1) as f64;
     let mean = diffs.iter().sum::<f64>() / n;
     let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
