@@ -4,7 +4,10 @@
 use crate::retriever::{CandidateSource, Retriever};
 use crate::service_config::RetrieverServiceConfig;
 use llamarec_proto::v1::retriever_server;
-use llamarec_proto::v1::{InfoRequest, ModelVersion, RetrieveRequest, RetrieveResponse, RetrievedItem, RetrieverInfo};
+use llamarec_proto::v1::{
+    retrieve_result, InfoRequest, ModelVersion, RetrieveBatchRequest, RetrieveBatchResponse, RetrieveError, RetrieveRequest, RetrieveResponse,
+    RetrieveResult, RetrievedItem, RetrieverInfo,
+};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -60,6 +63,7 @@ pub struct RetrieverService {
     max_history: u32,
     max_item_id_len: usize,
     max_in_flight: usize,
+    max_batch: u32,
     in_flight: Arc<Semaphore>,
 }
 
@@ -73,6 +77,7 @@ impl RetrieverService {
             max_history: config.max_history,
             max_item_id_len: config.max_item_id_len,
             max_in_flight: config.max_in_flight,
+            max_batch: config.max_batch,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
         }
     }
@@ -130,23 +135,32 @@ impl RetrieverService {
             .collect()
     }
 
-    async fn retrieve_inner(&self, mut req: RetrieveRequest) -> Result<RetrieveResponse, ServiceError> {
-        let _permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
+    /// Admits and validates one request and answers it here when that is cheap (a returning
+    /// user on a small catalog: tens of microseconds); anything that runs the recurrence or
+    /// scores a large catalog is handed to the blocking pool. Not async, so that a batch can
+    /// start all its requests before awaiting any: its blocking ones then run side by side.
+    fn start(&self, mut req: RetrieveRequest) -> Result<Started, ServiceError> {
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
         let history = self.validate(&mut req)?;
         let retriever = self.retriever.clone();
         let (k, exclude, indices_only) = (req.k as usize, req.exclude_history, req.indices_only);
-        // A returning user on a small catalog costs tens of microseconds: answered here. Anything
-        // that runs the recurrence or scores a large catalog goes to the blocking pool.
         let start = Instant::now();
-        let (retrieval, compute) = match retriever.retrieve_if_cheap(&history, k, exclude) {
-            Some(retrieval) => (Ok(retrieval), start.elapsed()),
-            None => tokio::task::spawn_blocking(move || {
+        let compute = match retriever.retrieve_if_cheap(&history, k, exclude) {
+            Some(retrieval) => Compute::Done(Ok(retrieval), start.elapsed()),
+            None => Compute::Blocking(tokio::task::spawn_blocking(move || {
                 let start = Instant::now();
                 let retrieval = retriever.retrieve(&history, k, exclude);
                 (retrieval, start.elapsed())
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            })),
+        };
+        Ok(Started { compute, indices_only, _permit: permit })
+    }
+
+    /// Waits for a started request's compute and builds its answer.
+    async fn finish(&self, started: Started) -> Result<RetrieveResponse, ServiceError> {
+        let (retrieval, compute) = match started.compute {
+            Compute::Done(retrieval, compute) => (retrieval, compute),
+            Compute::Blocking(task) => task.await.map_err(|e| ServiceError::Internal(e.to_string()))?,
         };
         let retrieval = retrieval.map_err(|e| ServiceError::Internal(e.to_string()))?;
         metrics::histogram!("llamarec_retriever_compute_duration_seconds").record(compute.as_secs_f64());
@@ -155,7 +169,7 @@ impl RetrieverService {
             .candidates
             .iter()
             .map(|c| {
-                if indices_only {
+                if started.indices_only {
                     // The caller has the catalog: ids and titles would only cost allocations here and there.
                     return RetrievedItem { item_index: c.item, score: c.score, ..Default::default() };
                 }
@@ -170,6 +184,19 @@ impl RetrieverService {
             compute_us: compute.as_micros() as u64,
         })
     }
+}
+
+/// A request past admission and validation, its compute done or running on the blocking pool.
+struct Started {
+    compute: Compute,
+    indices_only: bool,
+    /// Held until the answer is built: the request counts against `max_in_flight` till then.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+enum Compute {
+    Done(crate::error::Result<crate::retriever::Retrieval>, std::time::Duration),
+    Blocking(tokio::task::JoinHandle<(crate::error::Result<crate::retriever::Retrieval>, std::time::Duration)>),
 }
 
 fn request_id_of<T>(request: &Request<T>) -> String {
@@ -198,13 +225,63 @@ impl retriever_server::Retriever for RetrieverService {
         let request_id = request_id_of(&request);
         let req = request.into_inner();
         tracing::Span::current().record("request_id", request_id.as_str()).record("k", req.k).record("history_len", req.history.len().max(req.history_indices.len()));
-        let result = self.retrieve_inner(req).await.map_err(Status::from);
+        let result = match self.start(req) {
+            Ok(started) => self.finish(started).await.map_err(Status::from),
+            Err(e) => Err(Status::from(e)),
+        };
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         record("retrieve", start, code);
         if let Err(status) = &result {
             tracing::debug!(code = ?status.code(), message = status.message(), "retrieve rejected");
         }
         result.map(Response::new)
+    }
+
+    #[instrument(skip_all, fields(size))]
+    async fn retrieve_batch(&self, request: Request<RetrieveBatchRequest>) -> Result<Response<RetrieveBatchResponse>, Status> {
+        let start = Instant::now();
+        let requests = request.into_inner().requests;
+        tracing::Span::current().record("size", requests.len());
+        if requests.is_empty() || requests.len() > self.max_batch as usize {
+            record("retrieve_batch", start, Code::InvalidArgument);
+            return Err(Status::invalid_argument(format!(
+                "the batch holds {} requests; it must hold 1..={} ([retriever] max_batch)",
+                requests.len(),
+                self.max_batch
+            )));
+        }
+        metrics::histogram!("llamarec_retriever_batch_size").record(requests.len() as f64);
+        // Start every request before awaiting any, so the blocking ones compute side by side.
+        let started: Vec<_> = requests
+            .into_iter()
+            .map(|mut req| {
+                let request_id = std::mem::take(&mut req.request_id);
+                (request_id, self.start(req))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(started.len());
+        for (request_id, started) in started {
+            let outcome = match started {
+                Ok(started) => self.finish(started).await,
+                Err(e) => Err(e),
+            };
+            results.push(match outcome {
+                Ok(response) => {
+                    record("retrieve", start, Code::Ok);
+                    RetrieveResult { outcome: Some(retrieve_result::Outcome::Response(response)) }
+                }
+                Err(e) => {
+                    let status = Status::from(e);
+                    record("retrieve", start, status.code());
+                    tracing::debug!(request_id = %request_id, code = ?status.code(), message = status.message(), "retrieve rejected");
+                    RetrieveResult {
+                        outcome: Some(retrieve_result::Outcome::Error(RetrieveError { code: status.code() as i32, message: status.message().to_string() })),
+                    }
+                }
+            });
+        }
+        record("retrieve_batch", start, Code::Ok);
+        Ok(Response::new(RetrieveBatchResponse { results }))
     }
 
     #[instrument(skip_all, fields(request_id))]
@@ -220,6 +297,7 @@ impl retriever_server::Retriever for RetrieverService {
             embedding_dim: config.embed_dim as u32,
             dataset: self.info.dataset.clone(),
             catalog_fingerprint: self.retriever.catalog().fingerprint(),
+            max_batch: self.max_batch,
         };
         record("info", start, Code::Ok);
         Ok(Response::new(info))

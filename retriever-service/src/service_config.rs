@@ -23,7 +23,11 @@ pub struct RetrieverServiceConfig {
     /// Longest history a request may send; the model reads its last `max_len` events.
     pub max_history: u32,
     /// Requests computed or queued at once; the next one is refused with RESOURCE_EXHAUSTED.
+    /// Each request of a RetrieveBatch counts as one.
     pub max_in_flight: usize,
+    /// Most requests one RetrieveBatch may carry; a larger batch is refused whole with
+    /// INVALID_ARGUMENT.
+    pub max_batch: u32,
     /// Bytes of recent user states kept so that a returning user skips the recurrence (about
     /// 1.9 KB per user with a 200-event window); 0 turns the cache off.
     pub state_cache_bytes: u64,
@@ -53,6 +57,7 @@ impl Default for RetrieverServiceConfig {
             max_k: 200,
             max_history: 1000,
             max_in_flight: 64,
+            max_batch: 64,
             state_cache_bytes: 64 << 20,
             shutdown_grace_ms: 10_000,
             max_item_id_len: 128,
@@ -77,6 +82,9 @@ impl Section for RetrieverServiceConfig {
         }
         if self.max_in_flight == 0 {
             return err("max_in_flight", "must be at least 1");
+        }
+        if self.max_batch == 0 {
+            return err("max_batch", "must be at least 1");
         }
         if self.max_item_id_len == 0 {
             return err("max_item_id_len", "must be at least 1");

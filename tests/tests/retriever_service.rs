@@ -142,3 +142,55 @@ async fn dense_indices_match_external_ids_and_are_checked_against_the_catalog() 
         assert!(status.message().contains(message), "{:?} does not contain {message:?}", status.message());
     }
 }
+
+#[tokio::test]
+async fn retrieve_batch_answers_each_request_as_retrieve_would() {
+    use llamarec_proto::v1::retrieve_result::Outcome;
+    use llamarec_proto::v1::RetrieveBatchRequest;
+    let (_process, mut client) = start().await;
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.max_batch >= 3, "Info advertises the batch limit: {}", info.max_batch);
+
+    let history = user_history();
+    let requests = vec![
+        request(history.clone(), 20),
+        request(history.clone(), 0),
+        request(history[..5].to_vec(), 7),
+        request(vec!["no-such-item".into()], 5),
+        request(vec![], 3),
+    ];
+    let mut unary = Vec::new();
+    for r in &requests {
+        unary.push(client.retrieve(r.clone()).await);
+    }
+    let batch = client.retrieve_batch(RetrieveBatchRequest { requests: requests.clone() }).await.unwrap().into_inner();
+    assert_eq!(batch.results.len(), requests.len());
+    for (i, (result, unary)) in batch.results.iter().zip(unary).enumerate() {
+        match (&result.outcome, unary) {
+            (Some(Outcome::Response(b)), Ok(u)) => {
+                let u = u.into_inner();
+                let ids = |items: &[llamarec_proto::v1::RetrievedItem]| items.iter().map(|i| (i.item_id.clone(), i.score)).collect::<Vec<_>>();
+                assert_eq!(ids(&b.items), ids(&u.items), "request {i}: the batch answered other candidates than Retrieve");
+                assert_eq!(b.popularity_fallback, u.popularity_fallback, "request {i}");
+            }
+            (Some(Outcome::Error(e)), Err(status)) => {
+                assert_eq!((e.code, e.message.as_str()), (status.code() as i32, status.message()), "request {i}");
+            }
+            (outcome, unary) => panic!("request {i}: batch {outcome:?} but Retrieve {unary:?}"),
+        }
+    }
+    // The bad ones fail alone, and say why.
+    let error = |i: usize| match &batch.results[i].outcome {
+        Some(Outcome::Error(e)) => (Code::from_i32(e.code), e.message.clone()),
+        other => panic!("request {i} should have failed: {other:?}"),
+    };
+    assert_eq!(error(1).0, Code::InvalidArgument);
+    assert!(error(1).1.contains("k is 0"), "{}", error(1).1);
+    assert!(error(3).1.contains("no-such-item"), "{}", error(3).1);
+
+    for size in [0, info.max_batch as usize + 1] {
+        let status = client.retrieve_batch(RetrieveBatchRequest { requests: vec![request(history.clone(), 5); size] }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "batch of {size}");
+        assert!(status.message().contains("max_batch"), "{}", status.message());
+    }
+}
