@@ -130,6 +130,8 @@ pub struct GatewayConfig {
     pub backend_token_file: Option<PathBuf>,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
     pub traffic: crate::traffic::TrafficConfig,
+    /// Coalescing of concurrent Retrieve calls (`[gateway.retrieve_batching]`).
+    pub retrieve_batching: crate::retriever_calls::RetrieveBatching,
 }
 
 impl Default for GatewayConfig {
@@ -167,6 +169,7 @@ impl Default for GatewayConfig {
             backend_token: None,
             backend_token_file: None,
             traffic: crate::traffic::TrafficConfig::default(),
+            retrieve_batching: Default::default(),
         }
     }
 }
@@ -184,6 +187,12 @@ impl Section for GatewayConfig {
         }
         if self.max_k == 0 {
             return err("max_k", "must be at least 1");
+        }
+        if self.retrieve_batching.max_calls == 0 {
+            return err("retrieve_batching.max_calls", "must be at least 1");
+        }
+        if self.retrieve_batching.max_batch == 0 {
+            return err("retrieve_batching.max_batch", "must be at least 1");
         }
         if self.default_candidates == 0 || self.default_candidates > self.max_candidates {
             return err("default_candidates", "must be within 1 ..= max_candidates");

@@ -10,6 +10,7 @@ pub mod history;
 pub mod merge;
 pub mod ranker_pool;
 pub mod replay;
+pub mod retriever_calls;
 pub mod server;
 pub mod service;
 pub mod traffic;

@@ -4,6 +4,7 @@ use crate::catalog::Catalog;
 use crate::config::{GatewayConfig, StoreConfig};
 use crate::history::{AnyStore, EmbeddedStore, HistoryCache, HistoryStore, RedisStore, StoredEvent};
 use crate::ranker_pool::RankerPool;
+use crate::retriever_calls::RetrieverCalls;
 use crate::service::GatewayService;
 use anyhow::Context;
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
@@ -81,6 +82,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
             .connect_lazy(),
     )
     .max_decoding_message_size(config.max_message_bytes);
+    let retriever = RetrieverCalls::new(retriever, config.backend_token.clone(), &config.retrieve_batching);
     let rankers = RankerPool::new(&config.rankers)?;
     if let Some(dns) = config.rankers.dns.clone() {
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));

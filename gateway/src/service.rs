@@ -8,9 +8,9 @@ use crate::error::GatewayError;
 use crate::history::{CachedHistory, HistoryCache, HistoryStore, StoredEvent};
 use crate::merge::{log_softmax, merge, Merged, Ranked, Retrieved};
 use crate::ranker_pool::{PickError, RankerPool};
+use crate::retriever_calls::RetrieverCalls;
 use crate::validate;
 use llamarec_proto::v1::gateway_server::Gateway;
-use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{
     AppendEventsRequest, AppendEventsResponse, DegradedReason, Event, GetHistoryRequest, GetHistoryResponse, ModelVersion,
     RankRequest, RecommendRequest, RecommendResponse, RecommendedItem, RetrieveRequest, RetrieveResponse, StageTimings,
@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
@@ -31,7 +30,7 @@ pub struct GatewayService<S> {
     config: Arc<GatewayConfig>,
     catalog: Arc<Catalog>,
     histories: Arc<HistoryCache<S>>,
-    retriever: RetrieverClient<Channel>,
+    retriever: RetrieverCalls,
     rankers: Arc<RankerPool>,
     in_flight: Arc<Semaphore>,
     traffic: Option<crate::traffic::TrafficRecorder>,
@@ -51,7 +50,7 @@ impl<S: HistoryStore> GatewayService<S> {
         config: Arc<GatewayConfig>,
         catalog: Arc<Catalog>,
         histories: Arc<HistoryCache<S>>,
-        retriever: RetrieverClient<Channel>,
+        retriever: RetrieverCalls,
         rankers: Arc<RankerPool>,
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
@@ -141,15 +140,11 @@ impl<S: HistoryStore> GatewayService<S> {
         if budget.is_zero() {
             return Err(GatewayError::Deadline(deadline.elapsed().as_millis() as u64));
         }
-        let mut request = Request::new(RetrieveRequest { k: want as u32, exclude_history: true, ..request });
-        request.set_timeout(budget);
-        with_request_id(&mut request, request_id);
-        llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
-        let mut client = self.retriever.clone();
-        let call = tokio::time::timeout(budget, client.retrieve(request));
+        let request = RetrieveRequest { k: want as u32, exclude_history: true, ..request };
+        let call = tokio::time::timeout(budget, self.retriever.retrieve(request, budget, request_id));
         let address = self.config.retriever.clone();
         match call.await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Ok(r)) => Ok(r),
             Ok(Err(status)) => Err(GatewayError::Retriever { address, status }),
             Err(_) => Err(GatewayError::Retriever { address, status: Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis())) }),
         }
