@@ -2,7 +2,10 @@
 //! 1. the gateway's overhead: Recommend (with the ranker) and the same Rank call (same 20
 //!    candidates, same history titles, history already cached in the ranker) sent to the ranker
 //!    directly, interleaved one at a time, so both see the same machine state;
-//! 2. retriever-only Recommend (skip ranker) throughput with concurrent closed-loop clients.
+//! 2. retriever-only Recommend (skip ranker) one at a time: the same gateway work without the
+//!    ranker and its ±100 ms jitter (history read, the Retrieve hop, merge, and one client hop in
+//!    place of the gateway→ranker hop), so thousands of samples resolve a 1 ms overhead;
+//! 3. retriever-only Recommend throughput with concurrent closed-loop clients.
 
 use super::latency::Latencies;
 use super::write_json;
@@ -26,6 +29,9 @@ pub struct GatewayBenchArgs {
     /// Interleaved Recommend/Rank pairs for the overhead measurement.
     #[arg(long, default_value_t = 30)]
     overhead_requests: usize,
+    /// Retriever-only Recommend calls sent one at a time (0: skip).
+    #[arg(long, default_value_t = 2000)]
+    sequential: usize,
     /// Concurrent clients for the throughput measurement.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -92,7 +98,17 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
         eprintln!("overhead pair {}/{}", i + 1, args.overhead_requests);
     }
 
-    // 2. Retriever-only throughput, closed loop.
+    // 2. Retriever-only, one at a time (warmed by one pass over the users first).
+    let mut sequential = Latencies::default();
+    for (i, user) in users.iter().cycle().take(users.len().min(args.sequential) + args.sequential).enumerate() {
+        let t = Instant::now();
+        gateway.recommend(recommend(user, true)).await?;
+        if i >= users.len().min(args.sequential) {
+            sequential.record(t.elapsed());
+        }
+    }
+
+    // 3. Retriever-only throughput, closed loop.
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let start = Instant::now();
     let workers: Vec<_> = (0..args.concurrency)
@@ -132,6 +148,7 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
         "gateway_overhead_p50_ms": overhead_p50,
         "gateway_overhead_p99_ms": overhead_p99,
         "gateway_added_per_request": added.summary(),
+        "retriever_only_sequential": sequential.summary(),
         "retriever_only": {
             "concurrency": args.concurrency,
             "seconds": elapsed,
@@ -152,6 +169,12 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
         "gateway's own time per Recommend (client latency minus the Rank call it made): p50 {:.3} ms, p99 {:.3} ms",
         added.quantile_ms(0.5),
         added.quantile_ms(0.99)
+    );
+    println!(
+        "retriever-only Recommend one at a time ({} calls): p50 {:.3} ms · p99 {:.3} ms",
+        sequential.count(),
+        sequential.quantile_ms(0.5),
+        sequential.quantile_ms(0.99)
     );
     println!(
         "retriever-only Recommend: {rps:.0} req/s at concurrency {} · p50 {:.2} ms · p99 {:.2} ms",
