@@ -87,7 +87,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => commands::fetch::run(&layers, args),
         Command::Data(cmd) => commands::data::run(&layers, cmd),
         Command::Up(args) => runtime()?.block_on(commands::up::run(&layers, args)),
-        Command::Serve { service } => runtime()?.block_on(commands::serve::run(&layers, service)),
+        Command::Serve { service } => {
+            llamarec_common::serving::runtime(commands::serve::worker_threads(&layers, service)?)?.block_on(commands::serve::run(&layers, service))
+        }
         Command::Train(cmd) => commands::train::run(&layers, cmd),
         Command::Eval(args) => runtime()?.block_on(commands::eval::run(&layers, args)),
         Command::EvalReport(args) => commands::eval_report::run(&layers, args),

@@ -129,16 +129,36 @@ struct ServiceArgs {
     config: Option<PathBuf>,
 }
 
+/// A multi-threaded tokio runtime with `worker_threads` event-loop threads (0: one per core).
+/// A service sharing a small machine with others (the local cluster on 2 cores) does better
+/// with one: each hop between worker threads is a wake-up across cores.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
 /// The whole `main` of a service binary: parses `--config`, loads the layers, sets up tracing,
-/// runs `serve` on a multi-threaded runtime and turns an error into a message and exit code 1.
-pub fn service_main<Fut>(name: &str, serve: impl FnOnce(ConfigLayers) -> Fut) -> std::process::ExitCode
+/// runs `serve` on a multi-threaded runtime of `worker_threads(&layers)` workers (0: one per
+/// core) and turns an error into a message and exit code 1.
+pub fn service_main<Fut>(
+    name: &str,
+    worker_threads: impl FnOnce(&ConfigLayers) -> anyhow::Result<usize>,
+    serve: impl FnOnce(ConfigLayers) -> Fut,
+) -> std::process::ExitCode
 where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let args = <ServiceArgs as clap::Parser>::parse();
-    let result = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|runtime| {
+    let start = || -> anyhow::Result<_> {
+        let layers = ConfigLayers::discover(args.config.as_deref())?;
+        let runtime = runtime(worker_threads(&layers)?)?;
+        Ok((layers, runtime))
+    };
+    let result = start().and_then(|(layers, runtime)| {
         let result = runtime.block_on(async {
-            let layers = ConfigLayers::discover(args.config.as_deref())?;
             init_tracing(&layers.section::<TelemetryConfig>()?);
             serve(layers).await
         });
@@ -159,4 +179,15 @@ where
 /// Binds `listen`, naming the address when that fails.
 pub async fn bind(listen: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runtime_has_the_configured_workers_and_one_per_core_for_zero() {
+        assert_eq!(super::runtime(1).unwrap().metrics().num_workers(), 1);
+        assert_eq!(super::runtime(3).unwrap().metrics().num_workers(), 3);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(super::runtime(0).unwrap().metrics().num_workers(), cores);
+    }
 }

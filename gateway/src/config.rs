@@ -130,6 +130,9 @@ pub struct GatewayConfig {
     pub backend_token_file: Option<PathBuf>,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
     pub traffic: crate::traffic::TrafficConfig,
+    /// Event-loop threads of the gateway's runtime; 0: one per core. On a machine it shares with
+    /// the retriever and the ranker (the local cluster) one is cheaper and answers sooner.
+    pub worker_threads: usize,
     /// Coalescing of concurrent Retrieve calls (`[gateway.retrieve_batching]`).
     pub retrieve_batching: crate::retriever_calls::RetrieveBatching,
 }
@@ -169,6 +172,7 @@ impl Default for GatewayConfig {
             backend_token: None,
             backend_token_file: None,
             traffic: crate::traffic::TrafficConfig::default(),
+            worker_threads: 0,
             retrieve_batching: Default::default(),
         }
     }

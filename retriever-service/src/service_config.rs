@@ -25,6 +25,9 @@ pub struct RetrieverServiceConfig {
     /// Requests computed or queued at once; the next one is refused with RESOURCE_EXHAUSTED.
     /// Each request of a RetrieveBatch counts as one.
     pub max_in_flight: usize,
+    /// Event-loop threads of the service's runtime; 0: one per core. Scoring a returning user runs
+    /// on them; recurrences over whole histories go to tokio's blocking pool either way.
+    pub worker_threads: usize,
     /// Most requests one RetrieveBatch may carry; a larger batch is refused whole with
     /// INVALID_ARGUMENT.
     pub max_batch: u32,
@@ -58,6 +61,7 @@ impl Default for RetrieverServiceConfig {
             max_history: 1000,
             max_in_flight: 64,
             max_batch: 64,
+            worker_threads: 0,
             state_cache_bytes: 64 << 20,
             shutdown_grace_ms: 10_000,
             max_item_id_len: 128,

@@ -21,3 +21,12 @@ pub async fn run(layers: &ConfigLayers, service: ServiceName) -> Result<()> {
         ServiceName::Ranker => ranker_service::server::serve(layers).await,
     }
 }
+
+/// The configured event-loop threads of `service` (0: one per core).
+pub fn worker_threads(layers: &ConfigLayers, service: ServiceName) -> Result<usize> {
+    Ok(match service {
+        ServiceName::Gateway => layers.section::<gateway::config::GatewayConfig>()?.worker_threads,
+        ServiceName::Retriever => layers.section::<retriever_service::service_config::RetrieverServiceConfig>()?.worker_threads,
+        ServiceName::Ranker => 0,
+    })
+}
