@@ -50,6 +50,15 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The connections accepted on `listener`, each with TCP_NODELAY set. Without it a response's
+/// trailing HTTP/2 frames wait for the client's delayed ACK: about 40 ms added to every small
+/// unary call.
+pub fn nodelay_incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+        conn.and_then(|socket| socket.set_nodelay(true).map(|()| socket))
+    })
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then drains: every service is
 /// marked NOT_SERVING, in-flight requests get up to `grace` to finish.
 pub async fn serve_until(
@@ -66,11 +75,7 @@ pub async fn serve_until(
         health.set_service_status("", ServingStatus::NotServing).await;
         let _ = draining_tx.send(());
     };
-    // Without TCP_NODELAY on accepted sockets, a response's trailing HTTP/2 frames wait for the
-    // client's delayed ACK: about 40 ms added to every small unary call.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
-        conn.and_then(|socket| socket.set_nodelay(true).map(|()| socket))
-    });
+    let incoming = nodelay_incoming(listener);
     // tonic drops `incoming` (closing the listening socket: new connections are refused) as
     // soon as `drain` resolves, sends GOAWAY on open connections (new calls on them are refused,
     // calls in flight continue) and resolves once every connection has closed.

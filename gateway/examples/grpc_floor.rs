@@ -25,6 +25,7 @@ use llamarec_proto::v1::{
     AppendEventsRequest, AppendEventsResponse, GetHistoryRequest, RetrieveBatchRequest, RetrieveBatchResponse, GetHistoryResponse, InfoRequest, ModelVersion, RecommendRequest,
     RecommendResponse, RecommendedItem, RetrieveRequest, RetrieveResponse, RetrievedItem, RetrieverInfo, StageTimings,
 };
+use llamarec_common::serving::nodelay_incoming;
 use std::time::Instant;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
@@ -111,14 +112,6 @@ impl Gateway for PassThroughGateway {
     }
 }
 
-/// Accepted sockets with TCP_NODELAY, as `llamarec_common::serving::serve_until` sets them.
-async fn incoming(addr: &str) -> anyhow::Result<impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
-        conn.and_then(|socket| socket.set_nodelay(true).map(|()| socket))
-    }))
-}
-
 async fn probe(retriever: &str, gateway: &str, n: usize) -> anyhow::Result<()> {
     use llamarec_proto::v1::gateway_client::GatewayClient;
     let connect = |addr: &str| Endpoint::from_shared(format!("http://{addr}")).map(|e| e.tcp_nodelay(true).connect_lazy());
@@ -159,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["retriever", listen] => {
-            Server::builder().add_service(RetrieverServer::new(FixedRetriever)).serve_with_incoming(incoming(listen).await?).await?;
+            Server::builder().add_service(RetrieverServer::new(FixedRetriever)).serve_with_incoming(nodelay_incoming(tokio::net::TcpListener::bind(listen).await?)).await?;
         }
         ["gateway", listen, retriever] => {
             let channel = Endpoint::from_shared(format!("http://{retriever}"))?.tcp_nodelay(true).connect_lazy();
@@ -168,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 history: (1..=HISTORY_LEN).collect(),
                 catalog: (0..=CANDIDATES).map(|i| (format!("{}", 100 + i), format!("A Movie Title of Typical Length ({})", 1990 + i))).collect(),
             };
-            Server::builder().add_service(GatewayServer::new(gateway)).serve_with_incoming(incoming(listen).await?).await?;
+            Server::builder().add_service(GatewayServer::new(gateway)).serve_with_incoming(nodelay_incoming(tokio::net::TcpListener::bind(listen).await?)).await?;
         }
         ["probe", retriever, gateway, n] => probe(retriever, gateway, n.parse()?).await?,
         _ => anyhow::bail!("usage: grpc_floor retriever LISTEN | grpc_floor gateway LISTEN RETRIEVER | grpc_floor probe RETRIEVER GATEWAY N"),

@@ -15,7 +15,7 @@
 //! A retriever without RetrieveBatch (UNIMPLEMENTED: older than the method) turns batching off
 //! for good; the requests of that batch and all later ones go as plain Retrieve calls.
 
-use crate::service::REQUEST_ID_HEADER;
+use crate::service::with_request_id;
 use llamarec_proto::v1::retrieve_result::Outcome;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{RetrieveBatchRequest, RetrieveRequest, RetrieveResponse};
@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -118,9 +117,7 @@ async fn unary(
 ) -> Result<RetrieveResponse, Status> {
     let mut request = Request::new(request);
     request.set_timeout(budget);
-    if let Ok(v) = MetadataValue::try_from(request_id) {
-        request.metadata_mut().insert(REQUEST_ID_HEADER, v);
-    }
+    with_request_id(&mut request, request_id);
     llamarec_common::auth::set_bearer(request.metadata_mut(), token);
     client.retrieve(request).await.map(tonic::Response::into_inner)
 }
@@ -266,7 +263,7 @@ mod tests {
     async fn serve(echo: Echo) -> RetrieverClient<Channel> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = llamarec_common::serving::nodelay_incoming(listener);
         tokio::spawn(tonic::transport::Server::builder().add_service(RetrieverServer::new(echo)).serve_with_incoming(incoming));
         RetrieverClient::new(tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
     }

@@ -218,7 +218,8 @@ impl<S: HistoryStore> GatewayService<S> {
     }
 }
 
-fn with_request_id<T>(request: &mut Request<T>, request_id: &str) {
+/// Puts `request_id` in the call's `x-request-id` metadata (skipped if it is not valid ASCII).
+pub(crate) fn with_request_id<T>(request: &mut Request<T>, request_id: &str) {
     if let Ok(v) = MetadataValue::try_from(request_id) {
         request.metadata_mut().insert(REQUEST_ID_HEADER, v);
     }

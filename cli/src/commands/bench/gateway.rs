@@ -100,10 +100,11 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
 
     // 2. Retriever-only, one at a time (warmed by one pass over the users first).
     let mut sequential = Latencies::default();
-    for (i, user) in users.iter().cycle().take(users.len().min(args.sequential) + args.sequential).enumerate() {
+    let warm_up = users.len().min(args.sequential);
+    for (i, user) in users.iter().cycle().take(warm_up + args.sequential).enumerate() {
         let t = Instant::now();
         gateway.recommend(recommend(user, true)).await?;
-        if i >= users.len().min(args.sequential) {
+        if i >= warm_up {
             sequential.record(t.elapsed());
         }
     }
