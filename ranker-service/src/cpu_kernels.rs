@@ -23,7 +23,7 @@ const QUERY_BLOCK: usize = 64;
 /// `exp(x)` to within a few ulp (Cephes' `expf` polynomial), written so that loops over slices
 /// vectorize; inputs are clamped to the normal range.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
@@ -46,7 +46,7 @@ fn fast_exp(x: f32) -> f32 {
 /// True when the CPU has AVX2 and FMA (the crate is built for baseline x86-64, so hot loops
 /// are compiled twice and picked at run time).
 #[inline(always)]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -77,6 +77,7 @@ macro_rules! simd_dispatch {
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 /// Largest element, with 8 independent lanes so the loop vectorizes.
 #[inline(always)]
@@ -113,7 +114,7 @@ fn sum_of(xs: &[f32]) -> f32 {
 /// zeroing the rest of the row. `always` is a key that is kept even if marked invalid (the
 /// query's own position, so a padding query's row stays finite).
 #[inline(always)]
-fn masked_softmax(row: &mut [f32], limit: usize, valid: Option<&[bool]>, always: usize) {
+pub(crate) fn masked_softmax(row: &mut [f32], limit: usize, valid: Option<&[bool]>, always: usize) {
     let (live, dead) = row.split_at_mut(limit);
     dead.fill(0.0);
     if let Some(valid) = valid {

@@ -292,6 +292,11 @@ impl Llama {
         &self.weights
     }
 
+    /// The RoPE tables as plain f32 `(max_seq_len, head_dim / 2)`, row-major: cos, sin.
+    pub(crate) fn rope_tables(&self) -> (&[f32], &[f32]) {
+        (&self.rope.cos_f32, &self.rope.sin_f32)
+    }
+
     /// An empty cache for `batch` rows; forwarding with it is the same as with no cache.
     pub fn empty_cache(&self, batch: usize) -> Result<KvCache> {
         let shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim);

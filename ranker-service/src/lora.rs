@@ -100,15 +100,23 @@ pub struct LoraAdapter {
 }
 
 /// Inverted dropout on the LoRA branch's input (`B A dropout(x)`), as PEFT applies it; a fresh
-/// mask per pair and per forward pass.
+/// mask per pair and per forward pass. The native training step draws its masks from the same
+/// stream in the same order (Q, K, V, O, gate, up, down of each block), so both training paths
+/// see the same masks for the same seed.
 #[derive(Debug)]
-struct LoraDropout {
+pub(crate) struct LoraDropout {
     p: f32,
     state: u64,
 }
 
 impl LoraDropout {
-    fn mask(&mut self, n: usize) -> Vec<f32> {
+    /// A mask stream with drop probability `p`, seeded with `seed`.
+    pub(crate) fn new(p: f32, seed: u64) -> Self {
+        Self { p, state: seed }
+    }
+
+    /// The next `n` mask values: 0 (dropped) or `1 / (1 - p)` (kept).
+    pub(crate) fn mask(&mut self, n: usize) -> Vec<f32> {
         let keep = 1.0 / (1.0 - self.p);
         (0..n)
             .map(|_| {
@@ -209,9 +217,8 @@ impl LoraAdapter {
     /// Training: applies inverted dropout with probability `p` to every pair's input from now
     /// on (masks drawn from `seed`); `p = 0` turns it off. Inference never sets it.
     pub fn set_dropout(&mut self, p: f32, seed: u64) {
-        self.dropout = (p > 0.0).then(|| {
-            std::sync::Arc::new(std::sync::Mutex::new(LoraDropout { p, state: seed }))
-        });
+        self.dropout = (p > 0.0)
+            .then(|| std::sync::Arc::new(std::sync::Mutex::new(LoraDropout::new(p, seed))));
     }
 
     /// The update of one block's projection for input `x`, with the training dropout if set;

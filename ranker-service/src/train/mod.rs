@@ -18,6 +18,8 @@
 
 pub mod examples;
 pub mod frozen;
+pub mod gradients;
+pub mod native;
 pub mod optim;
 pub mod rng;
 
@@ -37,6 +39,7 @@ use crate::ranker::Ranker;
 use crate::verbalizer::Verbalizer;
 
 pub use examples::{build_example, epoch_order, Example, NegativeKind, PrefixRef};
+pub use gradients::{ExampleGradients, ExampleInput};
 pub use optim::{AdamW, AdamWConfig, NamedVar};
 pub use rng::Rng;
 
@@ -48,6 +51,29 @@ pub enum LossKind {
     AnswerToken,
     /// Softmax over the candidates' letter tokens only.
     Letters,
+}
+
+/// Which implementation computes a training example's gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backprop {
+    /// [`Backprop::Native`] on the CPU, [`Backprop::Autograd`] on other devices.
+    Auto,
+    /// The hand-derived f32 CPU step ([`native::NativeStep`]): several times faster.
+    Native,
+    /// candle's autograd over the differentiable forward pass (any device and dtype).
+    Autograd,
+}
+
+impl Backprop {
+    /// Whether training `model` runs the native step.
+    pub fn native_for(self, model: &Llama) -> bool {
+        match self {
+            Self::Auto => model.device().is_cpu(),
+            Self::Native => true,
+            Self::Autograd => false,
+        }
+    }
 }
 
 /// The `[ranker.train]` section: the recipe of `llamarec train ranker`.
@@ -104,6 +130,9 @@ pub struct RankerTrainConfig {
     pub val_candidates: usize,
     /// Seed of example order, negatives, shuffling, LoRA init, dropout and the validation sample.
     pub seed: u64,
+    /// How gradients are computed (an execution choice, not part of the recipe: a run may
+    /// resume with another).
+    pub backprop: Backprop,
 }
 
 impl Default for RankerTrainConfig {
@@ -133,6 +162,7 @@ impl Default for RankerTrainConfig {
             val_users: 200,
             val_candidates: 20,
             seed: 42,
+            backprop: Backprop::Auto,
         }
     }
 }
@@ -395,6 +425,40 @@ impl TrainableLora {
         Ok(())
     }
 
+    /// The adapter's current values as plain f32 matrices (the native step's input).
+    pub fn to_f32(&self) -> Result<native::LoraF32> {
+        let mut out = native::LoraF32::new();
+        for (key, pair) in self.adapter.pairs() {
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            };
+            out.insert(
+                *key,
+                native::PairF32 {
+                    a: flat(&pair.a)?,
+                    b: flat(&pair.b)?,
+                    r: pair.a.dim(0)?,
+                    scale: pair.scale as f32,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Indices into `params` of each pair's A and B.
+    pub fn param_indices(&self) -> std::collections::HashMap<(usize, Projection), (usize, usize)> {
+        let index_of = |t: &Tensor| {
+            self.params
+                .iter()
+                .position(|p| p.var.as_tensor().id() == t.id())
+                .expect("pair tensors are vars")
+        };
+        self.adapter
+            .pairs()
+            .map(|(key, pair)| (*key, (index_of(&pair.a), index_of(&pair.b))))
+            .collect()
+    }
+
     fn var_of(&self, t: &Tensor) -> &Var {
         self.params
             .iter()
@@ -555,8 +619,8 @@ pub fn train(
     let started = Instant::now();
     tune_allocator();
     let verbalizer = Verbalizer::new(renderer)?;
-    let mut model = base.clone();
-    model.set_kernels(Kernels::Differentiable);
+    // Used for shapes, device and dtype only: the engine below runs the forward passes.
+    let model = base.clone();
     let mut lora = TrainableLora::init(&model, config, config.seed)?;
     let adamw = AdamWConfig {
         weight_decay: config.weight_decay,
@@ -591,6 +655,7 @@ pub fn train(
             max_minutes: 0.0,
             eval_every_steps: 1,
             checkpoint_every_steps: 1,
+            backprop: Backprop::Auto,
             ..c.clone()
         };
         if comparable(&s.config) != comparable(&same.config) {
@@ -696,6 +761,7 @@ pub fn train(
         save_checkpoint(&mut st, &lora, &opt)?;
     }
     let mut acc_grads: Vec<Option<Tensor>> = vec![None; lora.params.len()];
+    let mut engine = ExampleGradients::new(base, &lora, config.backprop)?;
     let mut micro = 0usize;
     let mut micro_losses = Vec::new();
     let mut recent: std::collections::VecDeque<f64> = Default::default();
@@ -729,30 +795,20 @@ pub fn train(
         );
         let (h, c) = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history);
         let prompt = renderer.tokenize(&renderer.render(&h, &c)?)?;
-        lora.adapter.set_dropout(
-            config.dropout as f32,
-            Rng::derived(config.seed, 1000 + st.examples).next_u64(),
-        );
-        let loss = example_loss(
-            &model,
-            &lora.adapter,
+        let dropout_seed = Rng::derived(config.seed, 1000 + st.examples).next_u64();
+        let value = engine.add(
+            &mut lora,
             &verbalizer,
-            &prompt.ids,
-            ex.label,
-            ex.candidates.len(),
+            ExampleInput {
+                ids: &prompt.ids,
+                label: ex.label,
+                num_candidates: ex.candidates.len(),
+            },
             config.loss,
+            (config.dropout as f32, dropout_seed),
+            1.0 / config.grad_accum as f64,
+            &mut acc_grads,
         )?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = (loss / config.grad_accum as f64)?.backward()?;
-        for (slot, p) in acc_grads.iter_mut().zip(&lora.params) {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        drop(grads);
         micro += 1;
         micro_losses.push(value);
         st.examples += 1;

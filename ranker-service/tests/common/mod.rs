@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use ranker_service::{GgufFile, Llama, LoadOptions};
 
+pub mod tiny;
+
 /// The shipped model; `LLAMAREC_RANKER_GGUF` overrides the path.
 pub fn model_path() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMAREC_RANKER_GGUF") {
