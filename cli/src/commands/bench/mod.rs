@@ -3,9 +3,11 @@
 
 pub mod gateway;
 pub mod latency;
+pub mod probe;
 pub mod ranker;
 pub mod replay;
 pub mod retriever;
+pub mod train_step;
 
 use anyhow::Result;
 use llamarec_common::config::ConfigLayers;
@@ -22,6 +24,10 @@ pub enum BenchCommand {
     /// Ranker: prefill tokens/s and Rank latency (cold, history cached; per thread count),
     /// memory, and one-pass scoring against generating the ranked list (PNG plot).
     Ranker(ranker::RankerBenchArgs),
+    /// Ranker training: seconds per LoRA training example (forward, backward, AdamW) on the
+    /// fixed MovieLens prompt, native step against candle's autograd; writes the prompt for the
+    /// PyTorch peer (`bench/peers`).
+    TrainStep(train_step::TrainStepBenchArgs),
     /// Open-loop rate sweeps against a running cluster, retriever-only and two-stage, with the
     /// ranker's queue depth against load (PNG plot).
     Replay(replay::ReplayBenchArgs),
@@ -33,6 +39,7 @@ pub async fn run(layers: &ConfigLayers, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Retriever(args) => retriever::run(layers, args).await,
         BenchCommand::Ranker(args) => ranker::run(layers, args).await,
         BenchCommand::Replay(args) => replay::run(layers, args).await,
+        BenchCommand::TrainStep(args) => train_step::run(layers, args),
     }
 }
 

@@ -12,6 +12,7 @@
 //! process of this binary (`--worker`) started with those variables; the child reports the
 //! CPU time over wall time of its prefill, which shows how many cores it really used.
 
+use super::probe::{load_average, machine, median, now_utc, proc_status_kb, process_cpu_s, RunnableSampler};
 use super::write_json;
 use crate::commands::rank::{load_ranker, ModelArgs};
 use anyhow::{bail, Context, Result};
@@ -395,101 +396,6 @@ fn synthetic_titles(words: &[&str], len: usize, count: usize, seed: u64) -> Vec<
         .collect()
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// CPU seconds (user + system) used by this process so far (10 ms ticks).
-fn process_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Samples, every 2 ms, how many of this process's threads are runnable (running or waiting
-/// for a CPU): the parallelism the compute asks for, which on a loaded machine CPU time over
-/// wall time understates.
-struct RunnableSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<f64>,
-}
-
-impl RunnableSampler {
-    fn start() -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let (mut sum, mut samples) = (0usize, 0usize);
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                sum += runnable_threads();
-                samples += 1;
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            // The sampler itself is running while it reads.
-            (sum as f64 / samples.max(1) as f64 - 1.0).max(0.0)
-        });
-        Self { stop, handle }
-    }
-
-    /// Mean number of runnable threads over the samples.
-    fn stop(self) -> f64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().unwrap_or(0.0)
-    }
-}
-
-/// Threads of this process in state R (running or runnable).
-fn runnable_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) == Some("R")
-        })
-        .count()
-}
-
-/// A numeric field of /proc/self/status (kB for memory fields).
-fn proc_status_kb(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn load_average() -> Value {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).filter_map(|x| x.parse::<f64>().ok()).collect::<Vec<_>>().into()
-}
-
-fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")?.split(':').nth(1)).map(str::trim);
-    let mem_kb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next()?.split_whitespace().nth(1)?.parse::<u64>().ok());
-    json!({
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "memory_gb": mem_kb.map(|k| (k as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0),
-    })
-}
-
-fn now_utc() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
 
 /// A short human summary on stderr (the JSON has everything).
 fn print_summary(report: &Value) {
