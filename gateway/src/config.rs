@@ -75,6 +75,11 @@ pub struct GatewayConfig {
     pub prompt_history: u32,
     /// Weight of the verbalizer log-probability in the fused score; the retriever's normalised
     /// score gets `1 - ranker_weight`. 1.0 is the paper's behaviour (order by the LLM alone).
+    /// At 0 the LLM's scores cannot change the order, so Recommend does not call the ranker at
+    /// all (its answers are the retriever's order, not degraded; see `shadow_ranker` to keep
+    /// measuring the ranker). The default is 0 because that is what `llamarec calibrate` chooses
+    /// for the shipped adapter and retriever: no blend beats the retriever alone on validation,
+    /// and the LLM alone is the worst row of EVAL.md. Raise it only when calibrate says so.
     pub ranker_weight: f32,
     /// Longest accepted user id, in bytes.
     pub max_user_id_len: usize,
@@ -135,6 +140,9 @@ pub struct GatewayConfig {
     pub worker_threads: usize,
     /// Coalescing of concurrent Retrieve calls (`[gateway.retrieve_batching]`).
     pub retrieve_batching: crate::retriever_calls::RetrieveBatching,
+    /// Shadow ranking at `ranker_weight` 0 (`[gateway.shadow_ranker]`): a sampled fraction of
+    /// requests' candidates scored by the ranker beside the answer, for offline comparison. Off.
+    pub shadow_ranker: crate::shadow::ShadowRankerConfig,
 }
 
 impl Default for GatewayConfig {
@@ -150,7 +158,7 @@ impl Default for GatewayConfig {
             default_candidates: 20,
             max_candidates: 20,
             prompt_history: 20,
-            ranker_weight: 1.0,
+            ranker_weight: 0.0,
             max_user_id_len: 256,
             max_events_per_call: 256,
             max_history: 1000,
@@ -174,6 +182,7 @@ impl Default for GatewayConfig {
             traffic: crate::traffic::TrafficConfig::default(),
             worker_threads: 0,
             retrieve_batching: Default::default(),
+            shadow_ranker: Default::default(),
         }
     }
 }
@@ -210,9 +219,19 @@ impl Section for GatewayConfig {
         if self.rankers.max_in_flight_per_endpoint == 0 {
             return err("rankers.max_in_flight_per_endpoint", "must be at least 1");
         }
+        self.shadow_ranker.validate()?;
         if self.rankers.addresses.is_empty() && self.rankers.dns.is_none() {
-            // Allowed: the gateway then serves the retriever's order, flagged as degraded.
-            tracing::warn!("no ranker endpoints configured; every Recommend will be degraded");
+            // Allowed: the gateway then serves the retriever's order, flagged as degraded when
+            // the ranker was wanted.
+            if self.ranker_weight > 0.0 {
+                tracing::warn!("no ranker endpoints configured; every Recommend will be degraded");
+            } else if self.shadow_ranker.fraction > 0.0 {
+                tracing::warn!("no ranker endpoints configured; every shadow rank call will fail");
+            }
+        }
+        if self.ranker_weight > 0.0 && self.shadow_ranker.fraction > 0.0 {
+            // Allowed (calibrate may raise the weight in a file that enables shadow ranking).
+            tracing::warn!("shadow_ranker.fraction has no effect while ranker_weight > 0: every request is ranked");
         }
         if self.cache_entries == 0 {
             return err("cache_entries", "must be at least 1");
@@ -234,5 +253,63 @@ impl Section for GatewayConfig {
         }
         self.traffic.validate()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llamarec_common::config::ConfigLayers;
+
+    fn invalid_key(config: GatewayConfig) -> String {
+        config.validate().expect_err("invalid").0
+    }
+
+    #[test]
+    fn defaults_are_weight_zero_without_shadow_and_valid() {
+        let c = GatewayConfig::default();
+        assert_eq!(c.ranker_weight, 0.0, "the ranker stays out of Recommend until calibrate says otherwise");
+        assert_eq!(c.shadow_ranker.fraction, 0.0, "shadow ranking is off by default");
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_weights_and_shadow_keys_are_named() {
+        for w in [-0.1, 1.01, f32::NAN] {
+            assert_eq!(invalid_key(GatewayConfig { ranker_weight: w, ..Default::default() }), "ranker_weight", "{w}");
+        }
+        let shadow = |fraction: f64| GatewayConfig { shadow_ranker: crate::shadow::ShadowRankerConfig { fraction, ..Default::default() }, ..Default::default() };
+        assert_eq!(invalid_key(shadow(1.5)), "shadow_ranker.fraction");
+        assert_eq!(invalid_key(shadow(-1.0)), "shadow_ranker.fraction");
+        assert_eq!(shadow(1.0).validate(), Ok(()));
+        // Allowed, with a warning: a weight above 0 makes the shadow moot.
+        assert_eq!(GatewayConfig { ranker_weight: 0.5, ..shadow(0.1) }.validate(), Ok(()));
+    }
+
+    #[test]
+    fn shipped_configs_use_weight_zero_and_shadow_off() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for file in ["deploy/local/llamarec.toml", "deploy/docker/llamarec.toml", "deploy/k8s/base/llamarec.toml"] {
+            let c = ConfigLayers::load_with_env(Some(&root.join(file)), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap();
+            assert_eq!((c.ranker_weight, c.shadow_ranker.fraction), (0.0, 0.0), "{file}");
+        }
+    }
+
+    #[test]
+    fn the_shadow_section_reads_from_toml_and_names_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[gateway.shadow_ranker]\nfraction = 0.25\nmax_in_flight = 3\n").unwrap();
+        let c = ConfigLayers::load_with_env(Some(&path), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap();
+        assert_eq!((c.shadow_ranker.fraction, c.shadow_ranker.max_in_flight, c.ranker_weight), (0.25, 3, 0.0));
+        for (text, key) in [
+            ("[gateway.shadow_ranker]\nfraction = 2.0\n", "gateway.shadow_ranker.fraction"),
+            ("[gateway.shadow_ranker]\nfractoin = 0.5\n", "gateway.shadow_ranker"),
+            ("[gateway]\nranker_weight = 1.5\n", "gateway.ranker_weight"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = ConfigLayers::load_with_env(Some(&path), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
     }
 }

@@ -13,5 +13,6 @@ pub mod replay;
 pub mod retriever_calls;
 pub mod server;
 pub mod service;
+pub mod shadow;
 pub mod traffic;
 pub mod validate;

@@ -92,7 +92,13 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     }
 
     let traffic = crate::traffic::TrafficRecorder::start(&config.traffic).context("starting the traffic capture")?;
-    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers).with_traffic(traffic);
+    // Shadow ranking only exists at weight 0 (above it every request is ranked for real).
+    let shadow = if config.ranker_weight > 0.0 {
+        None
+    } else {
+        crate::shadow::ShadowRanker::start(&config.shadow_ranker).context("starting shadow ranking")?
+    };
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers).with_traffic(traffic).with_shadow(shadow);
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;
@@ -106,7 +112,14 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
         .add_service(bearer.wrap(GatewayServer::new(service).max_decoding_message_size(config.max_message_bytes)));
     tracing::info!(tls = config.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), bearer_auth = bearer.is_enabled(), "gateway access");
-    tracing::info!(listen = %listener.local_addr()?, retriever = %config.retriever, rankers = ?config.rankers.addresses, "gateway serving");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        retriever = %config.retriever,
+        rankers = ?config.rankers.addresses,
+        ranker_weight = config.ranker_weight,
+        shadow_fraction = config.shadow_ranker.fraction,
+        "gateway serving"
+    );
     serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
     Ok(())
 }

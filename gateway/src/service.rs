@@ -9,6 +9,7 @@ use crate::history::{CachedHistory, HistoryCache, HistoryStore, StoredEvent};
 use crate::merge::{log_softmax, merge, Merged, Ranked, Retrieved};
 use crate::ranker_pool::{PickError, RankerPool};
 use crate::retriever_calls::RetrieverCalls;
+use crate::shadow::{ShadowCandidate, ShadowModel, ShadowRecord};
 use crate::validate;
 use llamarec_proto::v1::gateway_server::Gateway;
 use llamarec_proto::v1::{
@@ -34,6 +35,7 @@ pub struct GatewayService<S> {
     rankers: Arc<RankerPool>,
     in_flight: Arc<Semaphore>,
     traffic: Option<crate::traffic::TrafficRecorder>,
+    shadow: Option<Arc<crate::shadow::ShadowRanker>>,
     dense: DenseIndices,
     stages: StageMetrics,
 }
@@ -55,12 +57,19 @@ impl<S: HistoryStore> GatewayService<S> {
     ) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let dense = DenseIndices::new(config.retrieve_dense_indices, catalog.fingerprint());
-        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None, dense, stages: StageMetrics::register() }
+        Self { config, catalog, histories, retriever, rankers, in_flight, traffic: None, shadow: None, dense, stages: StageMetrics::register() }
     }
 
     /// Records a sampled share of Recommend requests (see [`crate::traffic`]).
     pub fn with_traffic(mut self, recorder: Option<crate::traffic::TrafficRecorder>) -> Self {
         self.traffic = recorder;
+        self
+    }
+
+    /// Scores a sampled share of the requests answered without the ranker (ranker_weight 0)
+    /// beside the answer (see [`crate::shadow`]).
+    pub fn with_shadow(mut self, shadow: Option<Arc<crate::shadow::ShadowRanker>>) -> Self {
+        self.shadow = shadow;
         self
     }
 
@@ -160,62 +169,109 @@ impl<S: HistoryStore> GatewayService<S> {
                 detail: format!("only {} ms of the deadline left for the ranker", budget.as_millis()),
             });
         }
-        let lease = match self.rankers.pick() {
-            Ok(lease) => lease,
-            Err(PickError::Empty) => {
-                return Err(Degraded { reason: DegradedReason::NoRanker, detail: "no ranker endpoint configured or resolved".into() })
-            }
-            // Beyond the rankers' capacity: answer at once in retriever order rather than queue.
-            Err(PickError::AtCapacity { limit }) => {
-                return Err(Degraded {
-                    reason: DegradedReason::Overload,
-                    detail: format!("every ranker endpoint has {limit} requests from this gateway in flight (rankers.max_in_flight_per_endpoint); ranker skipped"),
-                })
-            }
-        };
+        call_ranker(&self.rankers, &self.config, self.rank_request(history, candidates), budget, request_id).await
+    }
+
+    /// The Rank request for `candidates` after `history` (the last `prompt_history` titles).
+    fn rank_request(&self, history: &[&str], candidates: &[Retrieved]) -> RankRequest {
         let skip = history.len().saturating_sub(self.config.prompt_history as usize);
         let history_titles = history[skip..].iter().filter_map(|&id| self.catalog.title(id).map(str::to_string)).collect();
         let candidate_titles = candidates.iter().map(|c| c.title.clone()).collect();
-        let mut request = Request::new(RankRequest { history_titles, candidate_titles });
-        request.set_timeout(budget);
-        with_request_id(&mut request, request_id);
-        llamarec_common::auth::set_bearer(request.metadata_mut(), self.config.backend_token.as_deref());
-        let mut client = lease.client().max_decoding_message_size(self.config.max_message_bytes);
-        let outcome = tokio::time::timeout(budget, client.rank(request)).await;
-        let response = match outcome {
-            Ok(Ok(r)) => {
-                self.rankers.report_success(&lease);
-                r.into_inner()
-            }
-            Ok(Err(status)) => {
-                let reason = match status.code() {
-                    Code::DeadlineExceeded | Code::Cancelled => DegradedReason::RankerTimeout,
-                    Code::ResourceExhausted => DegradedReason::Overload,
-                    _ => {
-                        self.rankers.report_failure(&lease);
-                        DegradedReason::RankerFailed
-                    }
-                };
-                return Err(Degraded { reason, detail: format!("ranker {}: {}: {}", lease.address(), status.code(), status.message()) });
-            }
-            Err(_) => {
-                return Err(Degraded {
-                    reason: DegradedReason::RankerTimeout,
-                    detail: format!("ranker {} gave no answer within {} ms", lease.address(), budget.as_millis()),
-                })
-            }
-        };
-        if response.scores.len() != candidates.len() {
-            self.rankers.report_failure(&lease);
-            return Err(Degraded {
-                reason: DegradedReason::RankerFailed,
-                detail: format!("ranker {} returned {} scores for {} candidates", lease.address(), response.scores.len(), candidates.len()),
-            });
-        }
-        let logits: Vec<f32> = response.scores.iter().map(|s| s.logit).collect();
-        let ranked = log_softmax(&logits).into_iter().zip(&logits).map(|(log_prob, &logit)| Ranked { logit, log_prob }).collect();
-        Ok((ranked, response.model.unwrap_or_default()))
+        RankRequest { history_titles, candidate_titles }
     }
+
+    /// Starts a shadow Rank call for a sampled request answered without the ranker: in a task of
+    /// its own, after the answer is built, bounded by `[gateway.shadow_ranker] max_in_flight`,
+    /// with no effect on the answer whatever it does.
+    fn shadow_rank(&self, history: &[&str], candidates: &[Retrieved], request_id: &str, user_id: &str) {
+        let Some(shadow) = &self.shadow else { return };
+        if !shadow.sampled(request_id) {
+            return;
+        }
+        let Some(slot) = shadow.try_slot() else { return };
+        let request = self.rank_request(history, candidates);
+        let (shadow, rankers, config) = (shadow.clone(), self.rankers.clone(), self.config.clone());
+        let (request_id, user_id) = (request_id.to_string(), user_id.to_string());
+        let served: Vec<(String, f32)> = candidates.iter().map(|c| (c.item_id.clone(), c.score)).collect();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let t = Instant::now();
+            let result = call_ranker(&rankers, &config, request, shadow.timeout(), &request_id).await;
+            let latency = t.elapsed();
+            let (outcome, error, model, ranked) = match result {
+                Ok((ranked, model)) => ("ok", None, Some(ShadowModel { name: model.name, version: model.version }), ranked),
+                Err(d) => (crate::shadow::outcome_label(d.reason), Some(d.detail), None, Vec::new()),
+            };
+            let candidates = served
+                .into_iter()
+                .enumerate()
+                .map(|(i, (item_id, retriever_score))| ShadowCandidate {
+                    item_id,
+                    retriever_score,
+                    ranker_log_prob: ranked.get(i).map(|r| r.log_prob),
+                    ranker_logit: ranked.get(i).map(|r| r.logit),
+                })
+                .collect();
+            let record = ShadowRecord { unix_ms: 0, request_id, user_id, outcome: outcome.to_string(), error, latency_ms: 0.0, ranker_model: model, candidates };
+            shadow.finish(latency, record);
+        });
+    }
+}
+
+/// One Rank call to a ranker endpoint picked from `rankers`, within `budget`; on any failure
+/// returns why (the reason a Recommend would be degraded with).
+async fn call_ranker(rankers: &RankerPool, config: &GatewayConfig, rank_request: RankRequest, budget: Duration, request_id: &str) -> Result<(Vec<Ranked>, ModelVersion), Degraded> {
+    let lease = match rankers.pick() {
+        Ok(lease) => lease,
+        Err(PickError::Empty) => return Err(Degraded { reason: DegradedReason::NoRanker, detail: "no ranker endpoint configured or resolved".into() }),
+        // Beyond the rankers' capacity: answer at once in retriever order rather than queue.
+        Err(PickError::AtCapacity { limit }) => {
+            return Err(Degraded {
+                reason: DegradedReason::Overload,
+                detail: format!("every ranker endpoint has {limit} requests from this gateway in flight (rankers.max_in_flight_per_endpoint); ranker skipped"),
+            })
+        }
+    };
+    let n = rank_request.candidate_titles.len();
+    let mut request = Request::new(rank_request);
+    request.set_timeout(budget);
+    with_request_id(&mut request, request_id);
+    llamarec_common::auth::set_bearer(request.metadata_mut(), config.backend_token.as_deref());
+    let mut client = lease.client().max_decoding_message_size(config.max_message_bytes);
+    let outcome = tokio::time::timeout(budget, client.rank(request)).await;
+    let response = match outcome {
+        Ok(Ok(r)) => {
+            rankers.report_success(&lease);
+            r.into_inner()
+        }
+        Ok(Err(status)) => {
+            let reason = match status.code() {
+                Code::DeadlineExceeded | Code::Cancelled => DegradedReason::RankerTimeout,
+                Code::ResourceExhausted => DegradedReason::Overload,
+                _ => {
+                    rankers.report_failure(&lease);
+                    DegradedReason::RankerFailed
+                }
+            };
+            return Err(Degraded { reason, detail: format!("ranker {}: {}: {}", lease.address(), status.code(), status.message()) });
+        }
+        Err(_) => {
+            return Err(Degraded {
+                reason: DegradedReason::RankerTimeout,
+                detail: format!("ranker {} gave no answer within {} ms", lease.address(), budget.as_millis()),
+            })
+        }
+    };
+    if response.scores.len() != n {
+        rankers.report_failure(&lease);
+        return Err(Degraded {
+            reason: DegradedReason::RankerFailed,
+            detail: format!("ranker {} returned {} scores for {} candidates", lease.address(), response.scores.len(), n),
+        });
+    }
+    let logits: Vec<f32> = response.scores.iter().map(|s| s.logit).collect();
+    let ranked = log_softmax(&logits).into_iter().zip(&logits).map(|(log_prob, &logit)| Ranked { logit, log_prob }).collect();
+    Ok((ranked, response.model.unwrap_or_default()))
 }
 
 /// Puts `request_id` in the call's `x-request-id` metadata (skipped if it is not valid ASCII).
@@ -311,19 +367,26 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         self.stages.retrieve.record(retrieve_time.as_secs_f64());
 
         let candidates = &retrieved[..n.min(retrieved.len())];
-        let t = Instant::now();
-        let (ranked, ranker_model, degraded) = if options.skip_ranker || candidates.is_empty() {
-            (Vec::new(), None, None)
-        } else {
-            match self.rank(history, candidates, &deadline, &request_id).await {
-                Ok((ranked, model)) => (ranked, Some(model), None),
-                Err(d) => (Vec::new(), None, Some(d)),
+        // At weight 0 the ranker's scores cannot change the order: it is not called, and nothing
+        // is lost (not degraded). A sampled share of such requests is scored beside the answer.
+        let wanted = !options.skip_ranker && self.config.ranker_weight > 0.0 && !candidates.is_empty();
+        let (ranked, ranker_model, degraded, rank_time) = if wanted {
+            let t = Instant::now();
+            let result = self.rank(history, candidates, &deadline, &request_id).await;
+            let rank_time = t.elapsed();
+            self.stages.rank.record(rank_time.as_secs_f64());
+            match result {
+                Ok((ranked, model)) => (ranked, Some(model), None, rank_time),
+                Err(d) => (Vec::new(), None, Some(d), rank_time),
             }
+        } else {
+            (Vec::new(), None, None, Duration::ZERO)
         };
-        let rank_time = if options.skip_ranker { Duration::ZERO } else { t.elapsed() };
-        self.stages.rank.record(rank_time.as_secs_f64());
 
         let items = merge(&retrieved, &ranked, self.config.ranker_weight, k).into_iter().map(to_proto).collect();
+        if !wanted && !options.skip_ranker && !candidates.is_empty() {
+            self.shadow_rank(history, candidates, &request_id, &req.user_id);
+        }
         if let Some(d) = &degraded {
             metrics::counter!("llamarec_gateway_degraded_total", "reason" => d.reason.as_str_name()).increment(1);
             tracing::warn!(reason = d.reason.as_str_name(), detail = %d.detail, "recommendation degraded to retriever order");

@@ -194,7 +194,7 @@ impl Sampler {
     }
 }
 
-fn splitmix64(x: u64) -> u64 {
+pub(crate) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -223,8 +223,7 @@ impl TrafficRecorder {
         }
         let file = open_capture_file(&config.path)?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let path = config.path.clone();
-        std::thread::Builder::new().name("traffic-writer".into()).spawn(move || writer(rx, BufWriter::new(file), &path))?;
+        spawn_jsonl_writer("traffic-writer", rx, file, config.path.clone(), "llamarec_gateway_traffic_write_errors_total")?;
         tracing::info!(path = %config.path.display(), sample_rate = config.sample_rate, "capturing Recommend traffic");
         Ok(Some(Self::with_sender(Sampler::new(config.sample_rate, rand::random()), tx)))
     }
@@ -255,7 +254,9 @@ impl TrafficRecorder {
     }
 }
 
-fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {
+/// Creates `path` (and its directory) for a capture, keeping a non-empty earlier file as
+/// `<path>.<unix seconds>`.
+pub(crate) fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {
     use anyhow::Context;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -265,25 +266,43 @@ fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {
         let mut kept = path.as_os_str().to_owned();
         kept.push(format!(".{secs}"));
         std::fs::rename(path, &kept).with_context(|| format!("keeping the earlier capture {}", path.display()))?;
-        tracing::info!(kept = %PathBuf::from(kept).display(), "kept the earlier traffic capture");
+        tracing::info!(kept = %PathBuf::from(kept).display(), "kept the earlier capture");
     }
     std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
 }
 
+/// Starts a thread named `name` that writes the records from `rx` to `file` as JSON lines until
+/// every sender is gone, counting failed writes in the counter `errors`.
+pub(crate) fn spawn_jsonl_writer<T: Serialize + Send + 'static>(
+    name: &str,
+    rx: mpsc::Receiver<T>,
+    file: std::fs::File,
+    path: PathBuf,
+    errors: &'static str,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name.into()).spawn(move || writer(rx, BufWriter::new(file), &path, errors))?;
+    Ok(())
+}
+
+fn write_line<T: Serialize>(out: &mut impl Write, record: &T) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, record)?;
+    out.write_all(b"\n")
+}
+
 /// Writes records until every sender is gone; flushes whenever the queue runs empty, so the file
 /// is current within one record of the last arrival.
-fn writer(mut rx: mpsc::Receiver<TrafficRecord>, mut out: impl Write, path: &Path) {
+fn writer<T: Serialize>(mut rx: mpsc::Receiver<T>, mut out: impl Write, path: &Path, errors: &'static str) {
     let mut failed = false;
     while let Some(record) = rx.blocking_recv() {
-        let mut result = write_traffic(&mut out, [&record]);
+        let mut result = write_line(&mut out, &record);
         while let Ok(more) = rx.try_recv() {
-            result = result.and_then(|()| write_traffic(&mut out, [&more]));
+            result = result.and_then(|()| write_line(&mut out, &more));
         }
         result = result.and_then(|()| out.flush());
         if let Err(e) = result {
-            metrics::counter!("llamarec_gateway_traffic_write_errors_total").increment(1);
+            metrics::counter!(errors).increment(1);
             if !failed {
-                tracing::error!(path = %path.display(), error = %e, "writing the traffic capture failed");
+                tracing::error!(path = %path.display(), error = %e, "writing the capture failed");
                 failed = true;
             }
         }
