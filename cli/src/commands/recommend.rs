@@ -85,6 +85,13 @@ pub async fn run(args: RecommendArgs) -> Result<()> {
     );
     if response.degraded {
         println!("DEGRADED ({}): {}", response.degraded_reason().as_str_name(), response.degraded_detail);
+    } else if response.ranker_model.is_none() && !response.items.is_empty() {
+        // Not degraded and not ranked: nothing was lost, the ranker was not wanted.
+        if args.skip_ranker {
+            println!("ranker skipped (--skip-ranker): the retriever's order");
+        } else {
+            println!("ranker not consulted: the gateway's [gateway] ranker_weight is 0, so the order is the retriever's");
+        }
     }
     println!("{:>3}  {:>8}  {:>5}  {:>9}  {:>8}  title", "#", "item", "r.pos", "ranker lp", "final");
     for (i, item) in response.items.iter().enumerate() {
