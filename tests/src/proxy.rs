@@ -14,6 +14,7 @@ pub struct DelayProxy {
     pub addr: String,
     delay_ms: Arc<AtomicU64>,
     bytes_up: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -26,10 +27,12 @@ impl DelayProxy {
         let addr = listener.local_addr().expect("local address").to_string();
         let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
         let bytes_up = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_string();
-        let (d, b) = (delay_ms.clone(), bytes_up.clone());
+        let (d, b, c) = (delay_ms.clone(), bytes_up.clone(), connections.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
                 let (upstream, d, b) = (upstream.clone(), d.clone(), b.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else { return };
@@ -41,7 +44,7 @@ impl DelayProxy {
                 });
             }
         });
-        Self { addr, delay_ms, bytes_up, accept }
+        Self { addr, delay_ms, bytes_up, connections, accept }
     }
 
     /// Changes the delay for chunks read from now on (earlier ones keep their place in line).
@@ -52,6 +55,12 @@ impl DelayProxy {
     /// Bytes received from clients so far (a request reaching the proxy raises it).
     pub fn bytes_to_upstream(&self) -> u64 {
         self.bytes_up.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted from clients so far, whether or not the upstream answers (a client
+    /// that never calls through the proxy leaves it at 0).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 

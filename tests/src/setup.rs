@@ -53,6 +53,9 @@ pub struct Extra<'a> {
     pub ranker: &'a str,
     /// Inside `[gateway]`.
     pub gateway: &'a str,
+    /// `[gateway] ranker_weight`; `None` leaves the compiled-in default (0: Recommend never
+    /// calls the ranker). Tests that need ranked answers set it.
+    pub ranker_weight: Option<f32>,
     /// Inside `[gateway.rankers]`.
     pub gateway_rankers: &'a str,
 }
@@ -65,6 +68,7 @@ pub fn write_config(dir: &Path, addrs: &Addrs, rankers: &[&str], store: &Store, 
         Store::Redis(url) => format!("kind = \"redis\"\nurl = \"{url}\"\nprefix = \"t\""),
     };
     let rankers = rankers.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", ");
+    let weight = extra.ranker_weight.map(|w| format!("ranker_weight = {w:?}")).unwrap_or_default();
     let text = format!(
         r#"
 [telemetry]
@@ -84,6 +88,7 @@ metrics_listen = "127.0.0.1:{km}"
 listen = "{gateway}"
 metrics_listen = "127.0.0.1:{gm}"
 retriever = "{retriever}"
+{weight}
 {gateway_extra}
 
 [gateway.rankers]

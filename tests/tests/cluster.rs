@@ -1,5 +1,7 @@
 //! The whole cluster as separate processes on loopback, with the real models: Recommend end to
-//! end, bad requests, durability across a gateway crash, and the ranker killed and restarted.
+//! end at a fusion weight above 0 (the ranker is called and its scores fused), bad requests,
+//! durability across a gateway crash, and the ranker killed and restarted. Weight 0 (the
+//! default: no ranker call) and shadow ranking are in `ranker_weight.rs`.
 
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{AppendEventsRequest, DegradedReason, Event, GetHistoryRequest, RecommendOptions, RecommendRequest};
@@ -22,10 +24,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start() -> Self {
+    async fn start(ranker_weight: f32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let addrs = Addrs::new();
-        let extra = Extra { log_level: Some("warn"), ..Default::default() };
+        let extra = Extra { log_level: Some("warn"), ranker_weight: Some(ranker_weight), ..Default::default() };
         let config = setup::write_config(dir.path(), &addrs, &[&addrs.ranker], &Store::Embedded, &extra);
         let retriever = setup::start("retriever", &config);
         let ranker = setup::start("ranker", &config);
@@ -49,7 +51,8 @@ fn recommend(user: &str, k: u32) -> tonic::Request<RecommendRequest> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_end_to_end() {
-    let mut cluster = Cluster::start().await;
+    const WEIGHT: f32 = 0.5;
+    let mut cluster = Cluster::start(WEIGHT).await;
     let mut client = cluster.client().await;
 
     // Recommend with the real models: k items, ranked, none from the user's history.
@@ -71,6 +74,22 @@ async fn cluster_end_to_end() {
     assert!(r.items.iter().all(|i| !history.contains(&i.item_id)), "history items are never recommended");
     assert!(r.items.windows(2).all(|w| w[0].final_score >= w[1].final_score), "sorted by final score");
     assert_eq!(r.history_length as usize, history.len());
+    assert!(r.timings.unwrap().rank_us > 0, "the Rank call was timed");
+
+    // All N = 20 candidates: each final score is the fused one, (1 - w) * retriever log-softmax
+    // over the candidates + w * the ranker's log-probability, and the order follows it.
+    let r = client.recommend(recommend("42", 20)).await.unwrap().into_inner();
+    assert!(!r.degraded, "{}", r.degraded_detail);
+    assert_eq!(r.items.len(), 20);
+    let max = r.items.iter().map(|i| i.retriever_score).fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + r.items.iter().map(|i| (i.retriever_score - max).exp()).sum::<f32>().ln();
+    for item in &r.items {
+        let fused = (1.0 - WEIGHT) * (item.retriever_score - log_sum) + WEIGHT * item.ranker_log_prob.unwrap();
+        assert!((item.final_score - fused).abs() < 1e-4, "{}: final {} vs fused {fused}", item.item_id, item.final_score);
+    }
+    assert!(r.items.windows(2).all(|w| w[0].final_score >= w[1].final_score), "sorted by the fused score");
+    let ranker_calls = setup::metric(&setup::scrape(cluster.addrs.ranker_metrics), "llamarec_ranker_requests_total{status=\"Ok\"}");
+    assert!(ranker_calls >= Some(2.0), "the ranker answered both Recommends: {ranker_calls:?}");
 
     // Evaluation through the gateway equals the in-process evaluation on a sample of users.
     let via = cluster.dir.path().join("via.json");

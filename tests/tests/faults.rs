@@ -48,7 +48,7 @@ async fn slow_ranker_and_ranker_killed_and_restarted_under_a_stream() {
     let proxy = DelayProxy::start(&addrs.ranker, Duration::ZERO).await;
     // reserve_ms: the gateway answers this long before the caller's deadline, so a loaded
     // machine does not turn the degraded answer into the caller's own DEADLINE_EXCEEDED.
-    let config = setup::write_config(dir.path(), &addrs, &[&proxy.addr], &Store::Embedded, &Extra { gateway: "reserve_ms = 400", ..Default::default() });
+    let config = setup::write_config(dir.path(), &addrs, &[&proxy.addr], &Store::Embedded, &Extra { gateway: "reserve_ms = 400", ranker_weight: Some(1.0), ..Default::default() });
     let _retriever = setup::start("retriever", &config);
     let mut ranker = setup::start("ranker", &config);
     let _gateway = setup::start("gateway", &config);

@@ -61,6 +61,7 @@ async fn beyond_capacity_degrade_then_refuse() {
         ranker: "queue_capacity = 2",
         gateway: &format!("max_in_flight = {GATEWAY_MAX_IN_FLIGHT}"),
         gateway_rankers: "max_in_flight_per_endpoint = 2",
+        ranker_weight: Some(1.0),
         ..Default::default()
     };
     let config = setup::write_config(dir.path(), &addrs, &[&addrs.ranker], &Store::Embedded, &extra);

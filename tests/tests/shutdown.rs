@@ -73,6 +73,7 @@ async fn sigterm_drains_each_service() {
         retriever: &grace,
         ranker: &format!("{grace}\nqueue_capacity = 4"),
         gateway: &format!("{grace}\nreserve_ms = 400"),
+        ranker_weight: Some(1.0),
         ..Default::default()
     };
     let config = setup::write_config(dir.path(), &addrs, &[&proxy.addr], &Store::Embedded, &extra);
