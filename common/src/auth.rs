@@ -146,7 +146,9 @@ pub fn check_token(token: &str) -> Result<(), String> {
 }
 
 /// Tokens from a file: one per line, surrounding whitespace trimmed, blank lines and lines
-/// starting with `#` skipped.
+/// starting with `#` skipped. A file with no token at all is an error, not "authentication
+/// off": a configured `tokens_file` that is empty (a Secret mounted before it was filled, a
+/// file with every token commented out) must stop the start rather than open the service.
 pub fn read_tokens_file(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading tokens file {}: {e}", path.display()))?;
     let mut tokens = Vec::new();
@@ -157,6 +159,12 @@ pub fn read_tokens_file(path: &Path) -> anyhow::Result<Vec<String>> {
         }
         check_token(line).map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), i + 1))?;
         tokens.push(line.to_string());
+    }
+    if tokens.is_empty() {
+        anyhow::bail!(
+            "tokens file {} holds no token (only blank lines or `#` comments); refusing to start with authentication off: add a token, or remove `tokens_file`",
+            path.display()
+        );
     }
     Ok(tokens)
 }
@@ -349,6 +357,26 @@ mod tests {
         let e = resolve_secret("ranker.auth_token", None, Some(&dir.path().join("missing"))).unwrap_err().to_string();
         assert!(e.contains("ranker.auth_token_file"), "{e}");
         assert!(AuthConfig { tokens: vec!["a b".into()], tokens_file: None }.validate("auth.").unwrap_err().0 == "auth.tokens[0]");
+    }
+
+    #[test]
+    fn a_tokens_file_without_tokens_fails_closed() {
+        // Comments and blank lines only (or nothing at all): no token, so the start must fail,
+        // naming the file, instead of serving with authentication off.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        for text in ["", "\n\n", "# all tokens revoked\n  \n#second\n"] {
+            std::fs::write(&file, text).unwrap();
+            let e = read_tokens_file(&file).unwrap_err().to_string();
+            assert!(e.contains(&file.display().to_string()) && e.contains("no token"), "{text:?}: {e}");
+            let config = AuthConfig { tokens: Vec::new(), tokens_file: Some(file.clone()) };
+            let e = format!("{:#}", config.build("gateway").unwrap_err());
+            assert!(e.contains(&file.display().to_string()), "{e}");
+            // Inline tokens beside it do not make an empty file acceptable.
+            assert!(AuthConfig { tokens: vec!["inline".into()], ..config }.build("gateway").is_err());
+        }
+        // No `tokens_file` and no tokens is still the explicit "authentication off".
+        assert!(!AuthConfig::default().build("gateway").unwrap().is_enabled());
     }
 
     #[test]
