@@ -116,9 +116,17 @@ pub fn append_events(config: &GatewayConfig, catalog: &Catalog, req: &AppendEven
     events(config, catalog, "events", &req.events)
 }
 
-/// A whole GetHistory request (`limit` needs no check: 0 means all, more than stored is all).
+/// A whole GetHistory request: user id, and `limit` within 0 ..= max_history (0 means all; a
+/// stored history never holds more than max_history events, so a larger limit is a mistake).
 pub fn get_history(config: &GatewayConfig, req: &GetHistoryRequest) -> Result<(), GatewayError> {
-    user_id(config, &req.user_id)
+    user_id(config, &req.user_id)?;
+    if req.limit as usize > config.max_history {
+        return Err(invalid(format!(
+            "limit is {}; it must be within 0..={}, 0 meaning all ([gateway] max_history)",
+            req.limit, config.max_history
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -179,5 +187,18 @@ mod tests {
         let empty = AppendEventsRequest { user_id: "42".into(), events: vec![] };
         assert!(msg(append_events(&c, &cat, &empty)).starts_with("events"));
         assert!(get_history(&c, &GetHistoryRequest { user_id: "42".into(), limit: 7 }).is_ok());
+    }
+
+    #[test]
+    fn get_history_limit_is_bounded_by_max_history() {
+        let c = GatewayConfig { max_history: 50, ..Default::default() };
+        let req = |limit: u32| GetHistoryRequest { user_id: "42".into(), limit };
+        for ok in [0, 1, 50] {
+            assert!(get_history(&c, &req(ok)).is_ok(), "{ok}");
+        }
+        assert_eq!(msg(get_history(&c, &req(51))), "limit is 51; it must be within 0..=50, 0 meaning all ([gateway] max_history)");
+        assert!(msg(get_history(&c, &req(u32::MAX))).starts_with(&format!("limit is {}", u32::MAX)));
+        assert!(msg(get_history(&c, &GetHistoryRequest { user_id: String::new(), limit: 0 })).starts_with("user_id"));
+        assert!(msg(get_history(&GatewayConfig::default(), &req(1001))).contains("0..=1000"));
     }
 }

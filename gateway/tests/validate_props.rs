@@ -9,7 +9,7 @@ use gateway::config::GatewayConfig;
 use gateway::error::GatewayError;
 use gateway::validate;
 use llamarec_common::data::{Dataset, Item};
-use llamarec_proto::v1::{AppendEventsRequest, Event, InlineHistory, RecommendOptions, RecommendRequest};
+use llamarec_proto::v1::{AppendEventsRequest, Event, GetHistoryRequest, InlineHistory, RecommendOptions, RecommendRequest};
 use proptest::prelude::*;
 
 const CATALOG_ITEMS: usize = 50;
@@ -32,6 +32,7 @@ fn config() -> GatewayConfig {
         max_k: 50,
         max_candidates: 20,
         default_candidates: 20,
+        max_history: 40,
         ..Default::default()
     }
 }
@@ -144,6 +145,21 @@ proptest! {
             Err(e) => {
                 prop_assert!(!expected, "refused a valid request: {e}");
                 check_message(e, &["user_id", "events"])?;
+            }
+        }
+    }
+
+    #[test]
+    fn get_history_is_accepted_exactly_when_every_limit_holds(user_id in text(), limit in prop_oneof![number(), 35u32..=45]) {
+        let c = config();
+        let expected = user_ok(&c, &user_id) && limit as usize <= c.max_history;
+        match validate::get_history(&c, &GetHistoryRequest { user_id, limit }) {
+            Ok(()) => prop_assert!(expected, "accepted an invalid request"),
+            Err(e) => {
+                prop_assert!(!expected, "refused a valid request: {e}");
+                let m = e.to_string();
+                prop_assert!(!m.starts_with("limit") || m.contains("0..=40") && m.contains("([gateway] max_history)"), "{m}");
+                check_message(e, &["user_id", "limit "])?;
             }
         }
     }
