@@ -82,6 +82,9 @@ import peft  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
+T_START = time.perf_counter()
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -206,7 +209,9 @@ def main():
         "cpu": cpu_info(),
         "env": {k: os.environ.get(k) for k in (
             "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-            "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "LD_PRELOAD")},
+            "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+            "ATEN_CPU_CAPABILITY", "LD_PRELOAD")},
+        "load_average_before": list(os.getloadavg()),
         "threads": a.threads,
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
@@ -361,6 +366,8 @@ def main():
         result["rss_peak_mib_after_train"] = rss_peak_mib()
 
     result["rss_peak_mib"] = rss_peak_mib()
+    result["load_average_after"] = list(os.getloadavg())
+    result["wall_s_total"] = time.perf_counter() - T_START
 
     # ---------------------------------------------------------------- output
     if a.json:
