@@ -7,15 +7,11 @@ mod common;
 use common::tiny::{perturb_b, shipped_renderer, tiny_config, tiny_model};
 
 use candle_core::{DType, Device, Tensor};
-use ranker_service::config::LlamaConfig;
 use ranker_service::train::{
     self, AdamW, AdamWConfig, LossKind, RankerTrainConfig, TrainInputs, TrainableLora,
     ValidationCase,
 };
-use ranker_service::weights::{BlockWeights, Linear, LlamaWeights};
-use ranker_service::{
-    GgufFile, Kernels, Llama, Projection, PromptRenderer, PromptTemplate, Tokenizer, Verbalizer,
-};
+use ranker_service::{Llama, Projection, Verbalizer};
 
 fn recipe() -> RankerTrainConfig {
     RankerTrainConfig {

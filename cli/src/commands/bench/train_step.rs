@@ -78,6 +78,8 @@ pub fn run(layers: &ConfigLayers, args: TrainStepBenchArgs) -> Result<()> {
         )?;
     }
     let recipe = RankerTrainConfig::default();
+    // As `llamarec train ranker` does: freed activations stay in the heap.
+    ranker_service::train::tune_allocator();
     let mut results = Vec::new();
     for &which in &args.backprop {
         let backprop = match which {
