@@ -20,10 +20,15 @@ use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 
 
-async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
+/// The configured store, keeping the newest `max_history` events per user.
+async fn open_store(config: &StoreConfig, max_history: usize) -> anyhow::Result<AnyStore> {
     Ok(match config {
-        StoreConfig::Embedded { path } => AnyStore::Embedded(EmbeddedStore::open(path).with_context(|| format!("opening {}", path.display()))?),
-        StoreConfig::Redis { url, prefix } => AnyStore::Redis(RedisStore::connect(url, prefix).await.with_context(|| format!("connecting to {url}"))?),
+        StoreConfig::Embedded { path } => {
+            AnyStore::Embedded(EmbeddedStore::open(path).with_context(|| format!("opening {}", path.display()))?.with_max_history(max_history))
+        }
+        StoreConfig::Redis { url, prefix } => {
+            AnyStore::Redis(RedisStore::connect(url, prefix).await.with_context(|| format!("connecting to {url}"))?.with_max_history(max_history))
+        }
     })
 }
 
@@ -65,7 +70,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let dataset = Dataset::load(&data, &assets.dir).with_context(|| format!("loading the catalog from data set {}", data.name))?;
     let catalog = Arc::new(Catalog::from_dataset(&dataset));
 
-    let store = open_store(&config.store).await?;
+    let store = open_store(&config.store, config.max_history).await?;
     if config.seed_from_dataset && store.seed_once(seed_histories(&dataset)).await? {
         tracing::info!(users = dataset.users.len(), "seeded the history store from the data set");
     }

@@ -45,3 +45,22 @@ async fn redis_down_refuses_writes_quickly() {
     assert!(err.to_string().contains("redis"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(10), "refusal took {:?}", start.elapsed());
 }
+
+#[tokio::test]
+async fn appends_keep_the_newest_max_history_events() {
+    let redis = Redis::start();
+    let store = RedisStore::connect(&redis.url(), "t").await.unwrap().with_max_history(3);
+    assert_eq!(store.append("u", &[ev("a", 1), ev("b", 2)]).await.unwrap(), 2);
+    assert_eq!(store.append("u", &[ev("c", 3), ev("d", 4)]).await.unwrap(), 3, "the length after trimming");
+    assert_eq!(store.read("u").await.unwrap(), vec![ev("b", 2), ev("c", 3), ev("d", 4)]);
+    let many: Vec<StoredEvent> = (10..15).map(|i| ev(&i.to_string(), i)).collect();
+    assert_eq!(store.append("u", &many).await.unwrap(), 3);
+    assert_eq!(store.read("u").await.unwrap(), many[2..].to_vec());
+    assert_eq!(store.append("u1", &[ev("z", 9)]).await.unwrap(), 1, "other users are untouched");
+    // Seeding is capped too.
+    assert!(store.seed_once(vec![("s".into(), many.clone())]).await.unwrap());
+    assert_eq!(store.read("s").await.unwrap(), many[2..].to_vec());
+    // Without a cap nothing is dropped.
+    let open = RedisStore::connect(&redis.url(), "t").await.unwrap();
+    assert_eq!(open.append("u", &many).await.unwrap(), 8);
+}

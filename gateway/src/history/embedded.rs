@@ -1,5 +1,6 @@
 //! The default store: one redb file. Every append is its own write transaction committed with
-//! redb's default (immediate, fsync'd) durability before it is acknowledged.
+//! redb's default (immediate, fsync'd) durability before it is acknowledged; the same
+//! transaction drops the user's oldest events beyond `max_history`.
 
 use super::{HistoryStore, StoreError, StoredEvent};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -8,6 +9,8 @@ use std::sync::Arc;
 
 /// (user, sequence number) -> (item id, timestamp ms). Keys sort by user then sequence, so a
 /// user's history is one range scan and the next sequence number is the last key's plus one.
+/// Events are only ever removed from the oldest end, so a user's sequence numbers stay
+/// contiguous and the history's length is the last key's minus the first key's plus one.
 const EVENTS: TableDefinition<(&str, u64), (&str, i64)> = TableDefinition::new("events");
 /// Marker that the store was seeded from the data set.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -16,6 +19,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Events kept per user (the newest).
+    max_history: u64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -33,7 +38,14 @@ impl EmbeddedStore {
         tx.open_table(EVENTS).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self { db: Arc::new(db), max_history: u64::MAX })
+    }
+
+    /// Keeps at most `max_history` events per user (the newest): each append drops the oldest
+    /// beyond it in its own write transaction. Unlimited unless set.
+    pub fn with_max_history(mut self, max_history: usize) -> Self {
+        self.max_history = (max_history as u64).max(1);
+        self
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -43,27 +55,38 @@ impl EmbeddedStore {
     }
 }
 
-fn append_in(tx: &redb::WriteTransaction, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
+/// Appends `events` to the user's history in `tx` and drops its oldest events beyond
+/// `max_history`; returns the new length.
+fn append_in(tx: &redb::WriteTransaction, user: &str, events: &[StoredEvent], max_history: u64) -> Result<u32, StoreError> {
     let mut table = tx.open_table(EVENTS).map_err(unavailable)?;
-    let next = table
-        .range((user, 0)..=(user, u64::MAX))
-        .map_err(unavailable)?
-        .next_back()
-        .transpose()
-        .map_err(unavailable)?
-        .map_or(0, |(k, _)| k.value().1 + 1);
+    // The first and the next free sequence numbers (0, 0 for a new user).
+    let (first, next) = {
+        let mut range = table.range((user, 0)..=(user, u64::MAX)).map_err(unavailable)?;
+        let first = range.next().transpose().map_err(unavailable)?.map(|(k, _)| k.value().1);
+        let last = range.next_back().transpose().map_err(unavailable)?.map(|(k, _)| k.value().1);
+        match (first, last) {
+            (Some(f), Some(l)) => (f, l + 1),
+            (Some(f), None) => (f, f + 1),
+            _ => (0, 0),
+        }
+    };
     for (i, e) in events.iter().enumerate() {
         table.insert((user, next + i as u64), (e.item_id.as_str(), e.timestamp_ms)).map_err(unavailable)?;
     }
-    Ok((next + events.len() as u64) as u32)
+    let end = next + events.len() as u64;
+    let keep_from = end.saturating_sub(max_history).max(first);
+    for seq in first..keep_from {
+        table.remove((user, seq)).map_err(unavailable)?;
+    }
+    Ok((end - keep_from).min(u32::MAX as u64) as u32)
 }
 
 impl HistoryStore for EmbeddedStore {
     async fn append(&self, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
-        let (user, events) = (user.to_string(), events.to_vec());
+        let (user, events, max_history) = (user.to_string(), events.to_vec(), self.max_history);
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(unavailable)?;
-            let len = append_in(&tx, &user, &events)?;
+            let len = append_in(&tx, &user, &events, max_history)?;
             tx.commit().map_err(unavailable)?;
             Ok(len)
         })
@@ -88,6 +111,7 @@ impl HistoryStore for EmbeddedStore {
     }
 
     async fn seed_once(&self, histories: Vec<(String, Vec<StoredEvent>)>) -> Result<bool, StoreError> {
+        let max_history = self.max_history;
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(unavailable)?;
             {
@@ -98,7 +122,7 @@ impl HistoryStore for EmbeddedStore {
                 meta.insert("seeded", 1).map_err(unavailable)?;
             }
             for (user, events) in &histories {
-                append_in(&tx, user, events)?;
+                append_in(&tx, user, events, max_history)?;
             }
             tx.commit().map_err(unavailable)?;
             Ok(true)
@@ -142,5 +166,35 @@ mod tests {
         assert!(store.seed_once(vec![("u".into(), vec![ev("a", 1)])]).await.unwrap());
         assert!(!store.seed_once(vec![("u".into(), vec![ev("b", 2)])]).await.unwrap());
         assert_eq!(store.read("u").await.unwrap(), vec![ev("a", 1)]);
+    }
+
+    #[tokio::test]
+    async fn keeps_the_newest_max_history_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.redb");
+        let store = EmbeddedStore::open(&path).unwrap().with_max_history(3);
+        assert_eq!(store.append("u", &[ev("a", 1), ev("b", 2)]).await.unwrap(), 2);
+        assert_eq!(store.append("u", &[ev("c", 3), ev("d", 4)]).await.unwrap(), 3, "the length after trimming");
+        assert_eq!(store.read("u").await.unwrap(), vec![ev("b", 2), ev("c", 3), ev("d", 4)]);
+        assert_eq!(store.append("u", &[ev("e", 5)]).await.unwrap(), 3);
+        assert_eq!(store.read("u").await.unwrap(), vec![ev("c", 3), ev("d", 4), ev("e", 5)]);
+        // One append longer than the cap keeps its own newest events.
+        let many: Vec<StoredEvent> = (10..15).map(|i| ev(&i.to_string(), i)).collect();
+        assert_eq!(store.append("u", &many).await.unwrap(), 3);
+        assert_eq!(store.read("u").await.unwrap(), many[2..].to_vec());
+        assert_eq!(store.append("u1", &[ev("z", 9)]).await.unwrap(), 1, "other users are untouched");
+        assert_eq!(store.read("u1").await.unwrap(), vec![ev("z", 9)]);
+        drop(store);
+
+        // A history stored longer than the cap (an older store, or a lower cap) is cut back to
+        // it by its next append; seeding is capped too.
+        let big: Vec<StoredEvent> = (0..6).map(|i| ev(&i.to_string(), i)).collect();
+        EmbeddedStore::open(&path).unwrap().append("long", &big).await.unwrap();
+        let store = EmbeddedStore::open(&path).unwrap().with_max_history(2);
+        assert_eq!(store.read("long").await.unwrap().len(), 6);
+        assert_eq!(store.append("long", &[ev("x", 7)]).await.unwrap(), 2);
+        assert_eq!(store.read("long").await.unwrap(), vec![ev("5", 5), ev("x", 7)]);
+        assert!(store.seed_once(vec![("s".into(), big.clone())]).await.unwrap());
+        assert_eq!(store.read("s").await.unwrap(), big[4..].to_vec());
     }
 }

@@ -1,6 +1,7 @@
 //! Redis-backed histories, shared by several gateway replicas. Each user is one list of
-//! `timestamp_ms item_id` strings; RPUSH appends a whole batch atomically and acknowledges once
-//! Redis has it (run Redis with `appendonly yes`, `appendfsync always` for disk durability).
+//! `timestamp_ms item_id` strings; RPUSH appends a whole batch and LTRIM keeps the newest
+//! `max_history` in the same MULTI/EXEC, acknowledged once Redis has it (run Redis with
+//! `appendonly yes`, `appendfsync always` for disk durability).
 
 use super::{HistoryStore, StoreError, StoredEvent};
 use redis::aio::ConnectionManager;
@@ -11,6 +12,8 @@ use redis::AsyncCommands;
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    /// Events kept per user (the newest).
+    max_history: usize,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -35,7 +38,19 @@ impl RedisStore {
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client, config).await.map_err(unavailable)?;
-        Ok(Self { conn, prefix: prefix.to_string() })
+        Ok(Self { conn, prefix: prefix.to_string(), max_history: usize::MAX })
+    }
+
+    /// Keeps at most `max_history` events per user (the newest), trimmed in the same
+    /// transaction as each append. Unlimited unless set.
+    pub fn with_max_history(mut self, max_history: usize) -> Self {
+        self.max_history = max_history.max(1);
+        self
+    }
+
+    /// LTRIM's start index that keeps the newest `max_history` entries.
+    fn trim_start(&self) -> isize {
+        -(self.max_history.min(isize::MAX as usize) as isize)
     }
 
     fn key(&self, user: &str) -> String {
@@ -46,9 +61,18 @@ impl RedisStore {
 impl HistoryStore for RedisStore {
     async fn append(&self, user: &str, events: &[StoredEvent]) -> Result<u32, StoreError> {
         let values: Vec<String> = events.iter().map(encode).collect();
+        let key = self.key(user);
         let mut conn = self.conn.clone();
-        let len: u64 = conn.rpush(self.key(user), values).await.map_err(unavailable)?;
-        Ok(len as u32)
+        // MULTI/EXEC: no reader sees the list longer than the cap, and no crash leaves it so.
+        let (len,): (u64,) = redis::pipe()
+            .atomic()
+            .rpush(&key, values)
+            .ltrim(&key, self.trim_start(), -1)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(len.min(self.max_history as u64).min(u32::MAX as u64) as u32)
     }
 
     async fn read(&self, user: &str) -> Result<Vec<StoredEvent>, StoreError> {
@@ -77,7 +101,9 @@ impl HistoryStore for RedisStore {
             let mut pipe = redis::pipe();
             for (user, events) in chunk {
                 if !events.is_empty() {
-                    pipe.rpush(self.key(user), events.iter().map(encode).collect::<Vec<_>>()).ignore();
+                    let key = self.key(user);
+                    pipe.rpush(&key, events.iter().map(encode).collect::<Vec<_>>()).ignore();
+                    pipe.ltrim(&key, self.trim_start(), -1).ignore();
                 }
             }
             pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
