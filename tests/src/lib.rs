@@ -127,6 +127,7 @@ impl Redis {
             &[],
         );
         wait_for_port(port, Duration::from_secs(10));
+        wait_redis_loaded(port, Duration::from_secs(10));
         p
     }
 
@@ -149,6 +150,27 @@ impl Redis {
 
 fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+/// Blocks until the Redis on `port` answers a data command: after a restart it accepts
+/// connections while it replays its append-only file, answering `-LOADING` until it is done.
+fn wait_redis_loaded(port: u16, timeout: Duration) {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    loop {
+        let answer = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(b"EXISTS llamarec-tests-ready\r\n")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        });
+        if answer.is_ok_and(|a| a.starts_with(b":")) {
+            return;
+        }
+        assert!(start.elapsed() < timeout, "redis on port {port} still not ready after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Blocks until something accepts TCP connections on the loopback port.
