@@ -64,3 +64,42 @@ async fn appends_keep_the_newest_max_history_events() {
     let open = RedisStore::connect(&redis.url(), "t").await.unwrap();
     assert_eq!(open.append("u", &many).await.unwrap(), 8);
 }
+
+/// `redis-cli -p PORT args...`, its output trimmed.
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli").arg("-p").arg(redis.port.to_string()).args(args).output().expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn an_interrupted_seed_leaves_no_marker_and_is_completed_by_the_next() {
+    let redis = Redis::start();
+    let store = RedisStore::connect(&redis.url(), "t").await.unwrap();
+    let histories: Vec<(String, Vec<StoredEvent>)> =
+        (0..300).map(|u| (format!("u{u}"), (0..200).map(|i| ev(&format!("item-{u}-{i}-padding-padding"), i)).collect())).collect();
+
+    // Redis runs out of memory part-way through the seed (~3 MB of histories, ~0.5 MB allowed).
+    let info = redis_cli(&redis, &["INFO", "memory"]);
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", &(used + 512 * 1024).to_string()]);
+    let err = store.seed_once(histories.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("redis"), "{err}");
+    assert_eq!(redis_cli(&redis, &["EXISTS", "t:history:u0"]), "1", "the seed wrote part of the data");
+    assert_eq!(redis_cli(&redis, &["EXISTS", "t:history:u299"]), "0", "the seed did not finish");
+    assert_eq!(redis_cli(&redis, &["EXISTS", "t:seeded"]), "0", "a partial store is not marked seeded");
+
+    // A user appended to by then keeps that history (the seed leaves existing lists alone).
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    store.append("u299", &[ev("live", 1)]).await.unwrap();
+
+    // The next start's seed completes the store, without duplicating what was written.
+    assert!(store.seed_once(histories.clone()).await.unwrap());
+    assert_eq!(redis_cli(&redis, &["EXISTS", "t:seeded"]), "1");
+    for (user, events) in &histories[..299] {
+        assert_eq!(&store.read(user).await.unwrap(), events, "{user}");
+    }
+    assert_eq!(store.read("u299").await.unwrap(), vec![ev("live", 1)]);
+    assert!(!store.seed_once(histories).await.unwrap(), "seeding happens once");
+}

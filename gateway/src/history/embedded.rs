@@ -121,8 +121,14 @@ impl HistoryStore for EmbeddedStore {
                 }
                 meta.insert("seeded", 1).map_err(unavailable)?;
             }
+            // As the Redis store does: a user who already has a history (appended before the
+            // store was seeded) keeps it as it is.
             for (user, events) in &histories {
-                append_in(&tx, user, events, max_history)?;
+                let range = (user.as_str(), 0)..=(user.as_str(), u64::MAX);
+                let known = tx.open_table(EVENTS).map_err(unavailable)?.range(range).map_err(unavailable)?.next().is_some();
+                if !known {
+                    append_in(&tx, user, events, max_history)?;
+                }
             }
             tx.commit().map_err(unavailable)?;
             Ok(true)
@@ -166,6 +172,15 @@ mod tests {
         assert!(store.seed_once(vec![("u".into(), vec![ev("a", 1)])]).await.unwrap());
         assert!(!store.seed_once(vec![("u".into(), vec![ev("b", 2)])]).await.unwrap());
         assert_eq!(store.read("u").await.unwrap(), vec![ev("a", 1)]);
+
+        // Data but no marker (appends before seeding was turned on): seeded, and the users who
+        // already have a history keep it as it is.
+        let store = EmbeddedStore::open(&dir.path().join("h2.redb")).unwrap();
+        store.append("live", &[ev("x", 9)]).await.unwrap();
+        let seed = vec![("live".to_string(), vec![ev("a", 1)]), ("new".to_string(), vec![ev("b", 2)])];
+        assert!(store.seed_once(seed).await.unwrap());
+        assert_eq!(store.read("live").await.unwrap(), vec![ev("x", 9)]);
+        assert_eq!(store.read("new").await.unwrap(), vec![ev("b", 2)]);
     }
 
     #[tokio::test]

@@ -36,7 +36,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// The user's history, oldest first; empty for an unknown user.
     fn read(&self, user: &str) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
     /// Loads many histories at once, only if the store has never been seeded; returns whether it
-    /// seeded.
+    /// seeded. The store is marked seeded only once all of them are written, so a seed
+    /// interrupted part-way is completed by the next start.
     fn seed_once(&self, histories: Vec<(String, Vec<StoredEvent>)>) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// A cheap round trip that fails when the backend is down (for readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

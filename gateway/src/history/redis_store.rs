@@ -16,6 +16,15 @@ pub struct RedisStore {
     max_history: usize,
 }
 
+/// Seeds one user (KEYS[1], its entries in ARGV) unless the user already has a list.
+const SEED_USER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 1, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return 1
+";
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
@@ -84,31 +93,34 @@ impl HistoryStore for RedisStore {
     }
 
     async fn seed_once(&self, histories: Vec<(String, Vec<StoredEvent>)>) -> Result<bool, StoreError> {
+        let marker = format!("{}:seeded", self.prefix);
         let mut conn = self.conn.clone();
-        // SET NX elects exactly one replica to seed.
+        if conn.exists::<_, bool>(&marker).await.map_err(unavailable)? {
+            return Ok(false);
+        }
+        // Each user is written whole (one RPUSH in a script) and only when the user has no list
+        // yet, so running this again after a crash part-way, or on two replicas starting at
+        // once, completes the store without duplicating any history.
+        for chunk in histories.chunks(256) {
+            let mut pipe = redis::pipe();
+            for (user, events) in chunk {
+                if !events.is_empty() {
+                    let events = &events[events.len().saturating_sub(self.max_history)..];
+                    pipe.cmd("EVAL").arg(SEED_USER).arg(1).arg(self.key(user)).arg(events.iter().map(encode).collect::<Vec<_>>()).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
+        // The marker only once every user is written: a store with a marker is complete.
         let first: bool = redis::cmd("SET")
-            .arg(format!("{}:seeded", self.prefix))
+            .arg(&marker)
             .arg(1)
             .arg("NX")
             .query_async::<Option<String>>(&mut conn)
             .await
             .map_err(unavailable)?
             .is_some();
-        if !first {
-            return Ok(false);
-        }
-        for chunk in histories.chunks(256) {
-            let mut pipe = redis::pipe();
-            for (user, events) in chunk {
-                if !events.is_empty() {
-                    let key = self.key(user);
-                    pipe.rpush(&key, events.iter().map(encode).collect::<Vec<_>>()).ignore();
-                    pipe.ltrim(&key, self.trim_start(), -1).ignore();
-                }
-            }
-            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
-        }
-        Ok(true)
+        Ok(first)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
