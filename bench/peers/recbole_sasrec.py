@@ -121,24 +121,11 @@ def log(msg):
 
 
 def cpu_info():
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k == "model name" and model is None:
-                    model = v.strip()
-                elif k == "flags" and not flags:
-                    flags = set(v.split())
-    except OSError:
-        pass
-    want = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
+    # The same CPU record as the torch peer's (model, SIMD flags, CPUs), plus torch's view.
+    from torch_peer import cpu_info as peer_cpu_info
+
     return {
-        "model": model,
-        "flags": {f: f in flags for f in want},
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **peer_cpu_info(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
     }

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use super::LossKind;
 use crate::config::LlamaConfig;
-use crate::cpu_kernels::{fast_exp, has_avx2_fma, masked_softmax, simd_dispatch};
+use crate::cpu_kernels::{fast_exp, has_avx2_fma, masked_softmax, simd_dispatch, SharedMut};
 use crate::llama::Llama;
 use crate::lora::{LoraDropout, Projection};
 use crate::weights::Linear;
@@ -330,18 +330,6 @@ fn prob_offsets(blocks: &[(usize, usize)]) -> (Vec<usize>, usize) {
         total += (e - s) * e;
     }
     (off, total)
-}
-
-/// A raw pointer shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task writes a region no other task touches (see the callers).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-impl SharedMut {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl NativeStep {
