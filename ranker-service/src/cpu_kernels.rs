@@ -60,14 +60,14 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// Defines `$name`, which runs an AVX2+FMA build of the `#[inline(always)]` function `$body`
 /// when the CPU supports it and the baseline build otherwise.
 macro_rules! simd_dispatch {
-    ($name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($vis:vis $name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $avx2($($arg: $ty),*) {
             $body($($arg),*)
         }
 
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if has_avx2_fma() {
                 // SAFETY: the features were detected at run time.
