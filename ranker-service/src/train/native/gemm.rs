@@ -55,6 +55,23 @@ pub(super) fn matmul(
     rhs: Mat,
     alpha: f32,
 ) {
+    product(m, n, k, dst, dst_rs, accumulate, lhs, rhs, alpha, parallelism(m * n * k))
+}
+
+/// [`matmul`] on the given threads: the one place a safe product is bounds-checked.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+    par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -82,7 +99,7 @@ pub(super) fn matmul(
             lhs,
             rhs,
             alpha,
-            parallelism(m * n * k),
+            par,
         )
     }
 }
@@ -100,7 +117,7 @@ pub(super) fn matmul_local(
     rhs: Mat,
     alpha: f32,
 ) {
-    gemm_local(m, n, k, dst, dst_rs, false, lhs, rhs, alpha)
+    product(m, n, k, dst, dst_rs, false, lhs, rhs, alpha, Parallelism::None)
 }
 
 /// [`matmul_local`] adding to `dst`.
@@ -115,42 +132,11 @@ pub(super) fn matmul_acc_local(
     rhs: Mat,
     alpha: f32,
 ) {
-    gemm_local(m, n, k, dst, dst_rs, true, lhs, rhs, alpha)
+    product(m, n, k, dst, dst_rs, true, lhs, rhs, alpha, Parallelism::None)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_local(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    alpha: f32,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm dst: out of bounds");
-    // SAFETY: `dst` was bounds-checked above and is borrowed mutably.
-    unsafe {
-        gemm_shared(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_rs,
-            accumulate,
-            lhs,
-            rhs,
-            alpha,
-        )
-    }
-}
 
-/// [`gemm_local`] into a destination that other tasks write too (disjoint regions).
+/// [`matmul_local`] into a destination that other tasks write too (disjoint regions).
 ///
 /// # Safety
 /// `dst` must be valid for the `(m, n)` matrix with row stride `dst_rs`, and no other thread
