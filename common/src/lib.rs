@@ -6,5 +6,6 @@ pub mod auth;
 pub mod config;
 pub mod data;
 pub mod metrics;
+pub mod request_id;
 pub mod serving;
 pub mod telemetry;

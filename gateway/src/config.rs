@@ -48,6 +48,97 @@ impl Default for RankerEndpoints {
     }
 }
 
+/// `[gateway.retrieve_batching]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrieveBatching {
+    /// Coalesce concurrent Retrieve calls; off: one gRPC call per Recommend.
+    pub enabled: bool,
+    /// Retriever calls in flight at once; requests beyond wait and go out together.
+    pub max_calls: usize,
+    /// Most requests in one RetrieveBatch call (at most the retriever's `max_batch`).
+    pub max_batch: usize,
+}
+
+impl Default for RetrieveBatching {
+    fn default() -> Self {
+        Self { enabled: true, max_calls: 2, max_batch: 32 }
+    }
+}
+
+/// The `[gateway.traffic]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrafficConfig {
+    /// Share of Recommend requests recorded, 0.0 ..= 1.0; 0.0 (the default) turns capture off.
+    pub sample_rate: f64,
+    /// The JSON-lines file. A non-empty file from an earlier capture is kept, renamed to
+    /// `<path>.<unix seconds>`, so that every file holds one capture with increasing offsets.
+    pub path: PathBuf,
+    /// Records waiting for the writer before new ones are dropped (and counted).
+    pub queue: usize,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self { sample_rate: 0.0, path: "runs/gateway/traffic.jsonl".into(), queue: 4096 }
+    }
+}
+
+impl TrafficConfig {
+    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway.traffic]`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(("traffic.sample_rate".into(), "must be within 0.0 ..= 1.0".into()));
+        }
+        if self.queue == 0 {
+            return Err(("traffic.queue".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The `[gateway.shadow_ranker]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShadowRankerConfig {
+    /// Share of Recommend requests, 0.0 ..= 1.0, whose candidates the ranker scores for offline
+    /// comparison while `ranker_weight` is 0; 0.0 (the default) turns shadow ranking off. It has
+    /// no effect while `ranker_weight` is above 0 (every request is then ranked for real) or for
+    /// requests that ask to skip the ranker.
+    pub fraction: f64,
+    /// Most shadow Rank calls in flight from this gateway; a sampled request that finds them all
+    /// busy is not shadowed (counted as `dropped`), so shadow load on the rankers stays bounded.
+    pub max_in_flight: usize,
+    /// Time limit of one shadow Rank call (it has no caller waiting, so no caller deadline).
+    pub timeout_ms: u64,
+    /// The JSON-lines file of shadow scores, one [`crate::shadow::ShadowRecord`] per call. A
+    /// non-empty file from an earlier run is kept, renamed to `<path>.<unix seconds>`.
+    pub path: PathBuf,
+}
+
+impl Default for ShadowRankerConfig {
+    fn default() -> Self {
+        Self { fraction: 0.0, max_in_flight: 2, timeout_ms: 10_000, path: "runs/gateway/shadow_ranker.jsonl".into() }
+    }
+}
+
+impl ShadowRankerConfig {
+    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway]`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(0.0..=1.0).contains(&self.fraction) {
+            return Err(("shadow_ranker.fraction".into(), "must be within 0.0 ..= 1.0".into()));
+        }
+        if self.max_in_flight == 0 {
+            return Err(("shadow_ranker.max_in_flight".into(), "must be at least 1".into()));
+        }
+        if self.timeout_ms == 0 {
+            return Err(("shadow_ranker.timeout_ms".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The `[gateway]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,15 +225,15 @@ pub struct GatewayConfig {
     /// A file holding `backend_token` (e.g. a mounted Kubernetes Secret).
     pub backend_token_file: Option<PathBuf>,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
-    pub traffic: crate::traffic::TrafficConfig,
+    pub traffic: TrafficConfig,
     /// Event-loop threads of the gateway's runtime; 0: one per core. On a machine it shares with
     /// the retriever and the ranker (the local cluster) one is cheaper and answers sooner.
     pub worker_threads: usize,
     /// Coalescing of concurrent Retrieve calls (`[gateway.retrieve_batching]`).
-    pub retrieve_batching: crate::retriever_calls::RetrieveBatching,
+    pub retrieve_batching: RetrieveBatching,
     /// Shadow ranking at `ranker_weight` 0 (`[gateway.shadow_ranker]`): a sampled fraction of
     /// requests' candidates scored by the ranker beside the answer, for offline comparison. Off.
-    pub shadow_ranker: crate::shadow::ShadowRankerConfig,
+    pub shadow_ranker: ShadowRankerConfig,
 }
 
 impl Default for GatewayConfig {
@@ -179,7 +270,7 @@ impl Default for GatewayConfig {
             auth: llamarec_common::auth::AuthConfig::default(),
             backend_token: None,
             backend_token_file: None,
-            traffic: crate::traffic::TrafficConfig::default(),
+            traffic: TrafficConfig::default(),
             worker_threads: 0,
             retrieve_batching: Default::default(),
             shadow_ranker: Default::default(),
@@ -239,7 +330,9 @@ impl Section for GatewayConfig {
         if self.max_history == 0 {
             return err("max_history", "must be at least 1");
         }
-        for (key, value) in [("max_user_id_len", self.max_user_id_len), ("max_item_id_len", self.max_item_id_len), ("max_events_per_call", self.max_events_per_call)] {
+        for (key, value) in
+            [("max_user_id_len", self.max_user_id_len), ("max_item_id_len", self.max_item_id_len), ("max_events_per_call", self.max_events_per_call)]
+        {
             if value == 0 {
                 return err(key, "must be at least 1");
             }
@@ -278,7 +371,7 @@ mod tests {
         for w in [-0.1, 1.01, f32::NAN] {
             assert_eq!(invalid_key(GatewayConfig { ranker_weight: w, ..Default::default() }), "ranker_weight", "{w}");
         }
-        let shadow = |fraction: f64| GatewayConfig { shadow_ranker: crate::shadow::ShadowRankerConfig { fraction, ..Default::default() }, ..Default::default() };
+        let shadow = |fraction: f64| GatewayConfig { shadow_ranker: ShadowRankerConfig { fraction, ..Default::default() }, ..Default::default() };
         assert_eq!(invalid_key(shadow(1.5)), "shadow_ranker.fraction");
         assert_eq!(invalid_key(shadow(-1.0)), "shadow_ranker.fraction");
         assert_eq!(shadow(1.0).validate(), Ok(()));

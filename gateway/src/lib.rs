@@ -1,16 +1,16 @@
 //! The LlamaRec gateway: validates requests, reads and appends user histories, fans out to the
 //! retriever and the rankers within the caller's deadline, and merges both stages' scores.
 
+pub mod capture;
 pub mod catalog;
 pub mod config;
 pub mod deadline;
-pub mod dense;
 pub mod error;
 pub mod history;
 pub mod merge;
-pub mod ranker_pool;
+pub mod ranker_client;
 pub mod replay;
-pub mod retriever_calls;
+pub mod retriever_client;
 pub mod server;
 pub mod service;
 pub mod shadow;

@@ -3,8 +3,10 @@
 use crate::catalog::Catalog;
 use crate::config::{GatewayConfig, StoreConfig};
 use crate::history::{AnyStore, EmbeddedStore, HistoryCache, HistoryStore, RedisStore, StoredEvent};
-use crate::ranker_pool::RankerPool;
-use crate::retriever_calls::RetrieverCalls;
+use crate::ranker_client::pool::RankerPool;
+use crate::ranker_client::Ranker;
+use crate::retriever_client::batching::RetrieverCalls;
+use crate::retriever_client::Retriever;
 use crate::service::GatewayService;
 use anyhow::Context;
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
@@ -18,7 +20,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
-
 
 /// The configured store, keeping the newest `max_history` events per user.
 async fn open_store(config: &StoreConfig, max_history: usize) -> anyhow::Result<AnyStore> {
@@ -76,18 +77,14 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     }
     drop(dataset);
     let resolver = catalog.clone();
-    let histories = Arc::new(
-        HistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)),
-    );
+    let histories =
+        Arc::new(HistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)));
 
     let retriever = RetrieverClient::new(
-        Endpoint::from_shared(format!("http://{}", config.retriever))?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .connect_lazy(),
+        Endpoint::from_shared(format!("http://{}", config.retriever))?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy(),
     )
     .max_decoding_message_size(config.max_message_bytes);
-    let retriever = RetrieverCalls::new(retriever, config.backend_token.clone(), &config.retrieve_batching);
+    let retriever = Retriever::new(RetrieverCalls::new(retriever, config.backend_token.clone(), &config.retrieve_batching), catalog.clone(), &config);
     let rankers = RankerPool::new(&config.rankers)?;
     if let Some(dns) = config.rankers.dns.clone() {
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
@@ -98,12 +95,10 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
 
     let traffic = crate::traffic::TrafficRecorder::start(&config.traffic).context("starting the traffic capture")?;
     // Shadow ranking only exists at weight 0 (above it every request is ranked for real).
-    let shadow = if config.ranker_weight > 0.0 {
-        None
-    } else {
-        crate::shadow::ShadowRanker::start(&config.shadow_ranker).context("starting shadow ranking")?
-    };
-    let service = GatewayService::new(config.clone(), catalog, histories, retriever, rankers).with_traffic(traffic).with_shadow(shadow);
+    let shadow =
+        if config.ranker_weight > 0.0 { None } else { crate::shadow::ShadowRanker::start(&config.shadow_ranker).context("starting shadow ranking")? };
+    let ranker = Arc::new(Ranker::new(rankers, catalog.clone(), &config));
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker).with_traffic(traffic).with_shadow(shadow);
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;
@@ -116,7 +111,12 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         .add_service(health_service)
         .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
         .add_service(bearer.wrap(GatewayServer::new(service).max_decoding_message_size(config.max_message_bytes)));
-    tracing::info!(tls = config.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), bearer_auth = bearer.is_enabled(), "gateway access");
+    tracing::info!(
+        tls = config.tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        bearer_auth = bearer.is_enabled(),
+        "gateway access"
+    );
     tracing::info!(
         listen = %listener.local_addr()?,
         retriever = %config.retriever,

@@ -13,57 +13,19 @@
 //! written as one JSON line, a [`ShadowRecord`] with the request id, to `path` for offline
 //! comparison with the served (retriever) order.
 
-use crate::traffic::{open_capture_file, spawn_jsonl_writer, splitmix64};
+use crate::capture::{open_capture_file, spawn_jsonl_writer, splitmix64};
+use crate::config::ShadowRankerConfig;
+use crate::merge::Retrieved;
+use crate::ranker_client::Ranker;
+use llamarec_proto::v1::DegradedReason;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Records waiting for the writer before new ones are dropped (and counted). At most
 /// `max_in_flight` calls produce records, each taking a ranker's forward pass, so this is ample.
 const QUEUE: usize = 1024;
-
-/// The `[gateway.shadow_ranker]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ShadowRankerConfig {
-    /// Share of Recommend requests, 0.0 ..= 1.0, whose candidates the ranker scores for offline
-    /// comparison while `ranker_weight` is 0; 0.0 (the default) turns shadow ranking off. It has
-    /// no effect while `ranker_weight` is above 0 (every request is then ranked for real) or for
-    /// requests that ask to skip the ranker.
-    pub fraction: f64,
-    /// Most shadow Rank calls in flight from this gateway; a sampled request that finds them all
-    /// busy is not shadowed (counted as `dropped`), so shadow load on the rankers stays bounded.
-    pub max_in_flight: usize,
-    /// Time limit of one shadow Rank call (it has no caller waiting, so no caller deadline).
-    pub timeout_ms: u64,
-    /// The JSON-lines file of shadow scores, one [`ShadowRecord`] per call. A non-empty file from
-    /// an earlier run is kept, renamed to `<path>.<unix seconds>`.
-    pub path: PathBuf,
-}
-
-impl Default for ShadowRankerConfig {
-    fn default() -> Self {
-        Self { fraction: 0.0, max_in_flight: 2, timeout_ms: 10_000, path: "runs/gateway/shadow_ranker.jsonl".into() }
-    }
-}
-
-impl ShadowRankerConfig {
-    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway]`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if !(0.0..=1.0).contains(&self.fraction) {
-            return Err(("shadow_ranker.fraction".into(), "must be within 0.0 ..= 1.0".into()));
-        }
-        if self.max_in_flight == 0 {
-            return Err(("shadow_ranker.max_in_flight".into(), "must be at least 1".into()));
-        }
-        if self.timeout_ms == 0 {
-            return Err(("shadow_ranker.timeout_ms".into(), "must be at least 1".into()));
-        }
-        Ok(())
-    }
-}
 
 /// One candidate of a shadowed request, in the order the request was answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,8 +90,7 @@ pub struct ShadowSlot {
 }
 
 /// Outcome label of a shadow call that ended with this degraded reason.
-pub fn outcome_label(reason: llamarec_proto::v1::DegradedReason) -> &'static str {
-    use llamarec_proto::v1::DegradedReason;
+fn outcome_label(reason: DegradedReason) -> &'static str {
     match reason {
         DegradedReason::RankerTimeout => "timeout",
         DegradedReason::Overload => "overload",
@@ -161,6 +122,43 @@ impl ShadowRanker {
             tx,
             latency: metrics::histogram!("llamarec_gateway_shadow_rank_duration_seconds"),
         }
+    }
+
+    /// Starts a shadow Rank call for a request answered without the ranker, when it is in the
+    /// sample and a slot is free: in a task of its own (the answer is already built), bounded
+    /// by `max_in_flight`, with no effect on the answer whatever it does.
+    pub fn offer(self: &Arc<Self>, ranker: &Arc<Ranker>, history: &[&str], candidates: &[Retrieved], request_id: &str, user_id: &str) {
+        if !self.sampled(request_id) {
+            return;
+        }
+        let Some(slot) = self.try_slot() else { return };
+        let request = ranker.request(history, candidates);
+        let (shadow, ranker) = (self.clone(), ranker.clone());
+        let (request_id, user_id) = (request_id.to_string(), user_id.to_string());
+        let served: Vec<(String, f32)> = candidates.iter().map(|c| (c.item_id.clone(), c.score)).collect();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let t = Instant::now();
+            let result = ranker.call(request, shadow.timeout(), &request_id).await;
+            let latency = t.elapsed();
+            let (outcome, error, model, ranked) = match result {
+                Ok((ranked, model)) => ("ok", None, Some(ShadowModel { name: model.name, version: model.version }), ranked),
+                Err(d) => (outcome_label(d.reason), Some(d.detail), None, Vec::new()),
+            };
+            let candidates = served
+                .into_iter()
+                .enumerate()
+                .map(|(i, (item_id, retriever_score))| ShadowCandidate {
+                    item_id,
+                    retriever_score,
+                    ranker_log_prob: ranked.get(i).map(|r| r.log_prob),
+                    ranker_logit: ranked.get(i).map(|r| r.logit),
+                })
+                .collect();
+            let record =
+                ShadowRecord { unix_ms: 0, request_id, user_id, outcome: outcome.to_string(), error, latency_ms: 0.0, ranker_model: model, candidates };
+            shadow.finish(latency, record);
+        });
     }
 
     /// Whether the request with this id is in the sample (the same id always gets the same

@@ -7,46 +7,16 @@
 //! writes. When the channel is full the record is dropped and counted
 //! (`llamarec_gateway_traffic_dropped_total`): capture never slows or blocks a request.
 
+use crate::capture::{open_capture_file, spawn_jsonl_writer, splitmix64};
+use crate::config::TrafficConfig;
 use llamarec_proto::v1::{Event, InlineHistory, RecommendOptions, RecommendRequest};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-
-/// The `[gateway.traffic]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrafficConfig {
-    /// Share of Recommend requests recorded, 0.0 ..= 1.0; 0.0 (the default) turns capture off.
-    pub sample_rate: f64,
-    /// The JSON-lines file. A non-empty file from an earlier capture is kept, renamed to
-    /// `<path>.<unix seconds>`, so that every file holds one capture with increasing offsets.
-    pub path: PathBuf,
-    /// Records waiting for the writer before new ones are dropped (and counted).
-    pub queue: usize,
-}
-
-impl Default for TrafficConfig {
-    fn default() -> Self {
-        Self { sample_rate: 0.0, path: "runs/gateway/traffic.jsonl".into(), queue: 4096 }
-    }
-}
-
-impl TrafficConfig {
-    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway.traffic]`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if !(0.0..=1.0).contains(&self.sample_rate) {
-            return Err(("traffic.sample_rate".into(), "must be within 0.0 ..= 1.0".into()));
-        }
-        if self.queue == 0 {
-            return Err(("traffic.queue".into(), "must be at least 1".into()));
-        }
-        Ok(())
-    }
-}
 
 /// One interaction sent with a request (`append_events`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,13 +164,6 @@ impl Sampler {
     }
 }
 
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The request-path half of the capture: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct TrafficRecorder {
@@ -254,61 +217,6 @@ impl TrafficRecorder {
     }
 }
 
-/// Creates `path` (and its directory) for a capture, keeping a non-empty earlier file as
-/// `<path>.<unix seconds>`.
-pub(crate) fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {
-    use anyhow::Context;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let mut kept = path.as_os_str().to_owned();
-        kept.push(format!(".{secs}"));
-        std::fs::rename(path, &kept).with_context(|| format!("keeping the earlier capture {}", path.display()))?;
-        tracing::info!(kept = %PathBuf::from(kept).display(), "kept the earlier capture");
-    }
-    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
-}
-
-/// Starts a thread named `name` that writes the records from `rx` to `file` as JSON lines until
-/// every sender is gone, counting failed writes in the counter `errors`.
-pub(crate) fn spawn_jsonl_writer<T: Serialize + Send + 'static>(
-    name: &str,
-    rx: mpsc::Receiver<T>,
-    file: std::fs::File,
-    path: PathBuf,
-    errors: &'static str,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name(name.into()).spawn(move || writer(rx, BufWriter::new(file), &path, errors))?;
-    Ok(())
-}
-
-fn write_line<T: Serialize>(out: &mut impl Write, record: &T) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, record)?;
-    out.write_all(b"\n")
-}
-
-/// Writes records until every sender is gone; flushes whenever the queue runs empty, so the file
-/// is current within one record of the last arrival.
-fn writer<T: Serialize>(mut rx: mpsc::Receiver<T>, mut out: impl Write, path: &Path, errors: &'static str) {
-    let mut failed = false;
-    while let Some(record) = rx.blocking_recv() {
-        let mut result = write_line(&mut out, &record);
-        while let Ok(more) = rx.try_recv() {
-            result = result.and_then(|()| write_line(&mut out, &more));
-        }
-        result = result.and_then(|()| out.flush());
-        if let Err(e) = result {
-            metrics::counter!(errors).increment(1);
-            if !failed {
-                tracing::error!(path = %path.display(), error = %e, "writing the capture failed");
-                failed = true;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,7 +257,8 @@ mod tests {
         assert_eq!(r.offset_ms, 1.5);
         assert_eq!(r.deadline_ms, Some(2000));
         assert_eq!(r.to_request(), req);
-        let inline = RecommendRequest { inline_history: Some(InlineHistory { item_ids: vec!["1".into(), "2".into()] }), append_events: vec![], options: None, ..req };
+        let inline =
+            RecommendRequest { inline_history: Some(InlineHistory { item_ids: vec!["1".into(), "2".into()] }), append_events: vec![], options: None, ..req };
         let r2 = TrafficRecord::from_request(&inline, Duration::ZERO, None, None);
         assert_eq!(r2.inline_history.as_deref(), Some(&["1".to_string(), "2".to_string()][..]));
         // Absent options come back as the defaults they mean.

@@ -147,7 +147,11 @@ impl RankerPool {
                     let a = rng.gen_range(0..n);
                     let b = (a + rng.gen_range(1..n)) % n;
                     let (x, y) = (candidates[a], candidates[b]);
-                    if y.in_flight.load(Ordering::Relaxed) < x.in_flight.load(Ordering::Relaxed) { y } else { x }
+                    if y.in_flight.load(Ordering::Relaxed) < x.in_flight.load(Ordering::Relaxed) {
+                        y
+                    } else {
+                        x
+                    }
                 }
             };
             // Another request may have taken the last place since the check: then look again.

@@ -15,35 +15,17 @@
 //! A retriever without RetrieveBatch (UNIMPLEMENTED: older than the method) turns batching off
 //! for good; the requests of that batch and all later ones go as plain Retrieve calls.
 
-use crate::service::with_request_id;
+use crate::config::RetrieveBatching;
+use llamarec_common::request_id::set_request_id;
 use llamarec_proto::v1::retrieve_result::Outcome;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{RetrieveBatchRequest, RetrieveRequest, RetrieveResponse};
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-
-/// `[gateway.retrieve_batching]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetrieveBatching {
-    /// Coalesce concurrent Retrieve calls; off: one gRPC call per Recommend.
-    pub enabled: bool,
-    /// Retriever calls in flight at once; requests beyond wait and go out together.
-    pub max_calls: usize,
-    /// Most requests in one RetrieveBatch call (at most the retriever's `max_batch`).
-    pub max_batch: usize,
-}
-
-impl Default for RetrieveBatching {
-    fn default() -> Self {
-        Self { enabled: true, max_calls: 2, max_batch: 32 }
-    }
-}
 
 /// The connection to the retriever, with its batching dispatcher when enabled.
 pub struct RetrieverCalls {
@@ -117,7 +99,7 @@ async fn unary(
 ) -> Result<RetrieveResponse, Status> {
     let mut request = Request::new(request);
     request.set_timeout(budget);
-    with_request_id(&mut request, request_id);
+    set_request_id(&mut request, request_id);
     llamarec_common::auth::set_bearer(request.metadata_mut(), token);
     client.retrieve(request).await.map(tonic::Response::into_inner)
 }
