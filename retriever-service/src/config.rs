@@ -3,41 +3,64 @@
 use crate::error::{Result, RetrieverError};
 use serde::{Deserialize, Serialize};
 
-/// Shape and regularisation of an LRURec model (the defaults are the paper's).
+/// Which sequence model a checkpoint holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// LRURec: linear recurrent units (the LlamaRec paper's retriever). A user's state absorbs
+    /// one more event in O(1).
+    #[default]
+    LruRec,
+    /// SASRec: causal self-attention with learned positional embeddings. No recurrence: a new
+    /// event means re-encoding the last `max_len` events.
+    SasRec,
+}
+
+/// Shape and regularisation of a retriever model (the defaults are the LRURec paper's).
+///
+/// `config.json` of checkpoints written before `kind` existed has no such key: they are LRURec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LruRecConfig {
+    /// The model family; the fields below that only one family uses say so.
+    pub kind: ModelKind,
     /// Number of real items; the embedding has one more row (index 0 = padding).
     pub num_items: usize,
     /// Item embedding and hidden width.
     pub embed_dim: usize,
     /// Number of blocks (LRU layer followed by a position-wise feed-forward network).
     pub num_blocks: usize,
-    /// Complex state size of each LRU layer (the paper uses 2 x `embed_dim`).
+    /// Complex state size of each LRU layer (the paper uses 2 x `embed_dim`). LRURec only.
     pub state_dim: usize,
+    /// Attention heads per block (`embed_dim` must be a multiple). SASRec only.
+    pub num_heads: usize,
     /// Inner width of the feed-forward networks.
     pub ffn_dim: usize,
-    /// Smallest initial |lambda| of the recurrence (ring initialisation).
+    /// Smallest initial |lambda| of the recurrence (ring initialisation). LRURec only.
     pub r_min: f64,
-    /// Largest initial |lambda| of the recurrence.
+    /// Largest initial |lambda| of the recurrence. LRURec only.
     pub r_max: f64,
-    /// Dropout probability used during training (embedding, LRU output, feed-forward).
+    /// Dropout probability used during training (embedding, LRU or attention output,
+    /// feed-forward).
     pub dropout: f64,
     /// Epsilon of every layer norm.
     pub layer_norm_eps: f64,
     /// Standard deviation of the truncated-normal initialisation (truncated at two deviations).
     pub init_std: f64,
-    /// Longest history the model was trained on; serving keeps the last `max_len` events.
+    /// Longest history the model was trained on; serving keeps the last `max_len` events
+    /// (SASRec also has one positional embedding per position up to it).
     pub max_len: usize,
 }
 
 impl Default for LruRecConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::LruRec,
             num_items: 0,
             embed_dim: 64,
             num_blocks: 2,
             state_dim: 128,
+            num_heads: 1,
             ffn_dim: 256,
             r_min: 0.8,
             r_max: 0.99,
@@ -71,6 +94,9 @@ impl LruRecConfig {
                 "embed_dim ({}), state_dim ({}), ffn_dim ({}) and num_blocks ({}) must be positive",
                 self.embed_dim, self.state_dim, self.ffn_dim, self.num_blocks
             ));
+        }
+        if self.kind == ModelKind::SasRec && (self.num_heads == 0 || self.embed_dim % self.num_heads != 0) {
+            return bad(format!("embed_dim ({}) must be a positive multiple of num_heads ({})", self.embed_dim, self.num_heads));
         }
         if !(0.0 < self.r_min && self.r_min <= self.r_max && self.r_max < 1.0) {
             return bad(format!("need 0 < r_min <= r_max < 1, got r_min {} and r_max {}", self.r_min, self.r_max));

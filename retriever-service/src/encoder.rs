@@ -1,22 +1,65 @@
-//! The serving encoder: LRURec's forward pass as the plain step-by-step recurrence over
-//! contiguous f32 buffers, turning a history (or one more event) into a [`UserState`].
+//! The serving encoder: the model's forward pass over contiguous f32 buffers, turning a history
+//! (or, for LRURec, one more event) into a [`UserState`].
 //!
-//! Work is done layer by layer over all new events: the position-wise parts (projections, layer
-//! norms, feed-forward) become small matrix products, and the recurrence between them runs one
-//! event at a time, h_t = λ h_{t-1} + γ (B x_t), exactly as the state is carried between requests.
-//! In the last layer only the latest event's output is needed, so its output projection and
-//! feed-forward run for one row.
+//! LRURec runs the plain step-by-step recurrence. Work is done layer by layer over all new
+//! events: the position-wise parts (projections, layer norms, feed-forward) become small matrix
+//! products, and the recurrence between them runs one event at a time,
+//! h_t = λ h_{t-1} + γ (B x_t), exactly as the state is carried between requests. In the last
+//! layer only the latest event's output is needed, so its output projection and feed-forward run
+//! for one row. SASRec has no recurrence: its state is the last block's output after the whole
+//! window, computed by [`crate::sasrec_encoder`], and a new event means encoding the window
+//! again ([`Encoder::is_recurrent`]).
 
-use crate::config::LruRecConfig;
+use crate::config::{LruRecConfig, ModelKind};
 use crate::error::{Result, RetrieverError};
 use crate::kernels::{gelu_erf, layer_norm, linear};
+use crate::sasrec_encoder::SasEncoder;
 use crate::state::UserState;
 use candle_core::Tensor;
 use std::collections::HashMap;
 
-struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+/// Gain and bias of a layer norm.
+pub(crate) struct Norm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+}
+
+/// A position-wise feed-forward network: LN(W2 GELU(W1 y + b1) + b2 + y).
+pub(crate) struct Ffn {
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+    norm: Norm,
+}
+
+impl Ffn {
+    /// Reads `{prefix}.w_1`, `.w_2` and `.layer_norm` (names as in `ffn.rs`).
+    pub(crate) fn new(tensors: &HashMap<String, Tensor>, prefix: &str, config: &LruRecConfig) -> Result<Self> {
+        let (d, f) = (config.embed_dim, config.ffn_dim);
+        Ok(Self {
+            w1: take(tensors, &format!("{prefix}.w_1.weight"), f * d)?,
+            b1: take(tensors, &format!("{prefix}.w_1.bias"), f)?,
+            w2: take(tensors, &format!("{prefix}.w_2.weight"), d * f)?,
+            b2: take(tensors, &format!("{prefix}.w_2.bias"), d)?,
+            norm: norm(tensors, &format!("{prefix}.layer_norm"), d)?,
+        })
+    }
+
+    /// Applies the network to `rows` rows of `y` (rows × D).
+    pub(crate) fn apply(&self, y: &[f32], rows: usize, eps: f32) -> Vec<f32> {
+        let (f, d) = (self.b1.len(), self.b2.len());
+        let mut inner = vec![0.0; rows * f];
+        linear(y, rows, &self.w1, &self.b1, f, d, &mut inner);
+        gelu_erf(&mut inner);
+        let mut z = vec![0.0; rows * d];
+        linear(&inner, rows, &self.w2, &self.b2, d, f, &mut z);
+        for (zv, yv) in z.iter_mut().zip(y) {
+            *zv += yv;
+        }
+        layer_norm(&mut z, &self.norm.weight, &self.norm.bias, eps);
+        z
+    }
 }
 
 struct Layer {
@@ -28,24 +71,26 @@ struct Layer {
     out_weight: Vec<f32>,
     out_bias: Vec<f32>,
     lru_norm: Norm,
-    w1: Vec<f32>,
-    b1: Vec<f32>,
-    w2: Vec<f32>,
-    b2: Vec<f32>,
-    ffn_norm: Norm,
+    ffn: Ffn,
 }
 
-/// LRURec weights laid out for the per-request path.
+/// The layers after the item embedding, per model family.
+enum Body {
+    LruRec(Vec<Layer>),
+    SasRec(SasEncoder),
+}
+
+/// Model weights laid out for the per-request path.
 pub struct Encoder {
     config: LruRecConfig,
     embedding: Vec<f32>,
     embed_norm: Norm,
-    layers: Vec<Layer>,
+    body: Body,
     output_bias: Vec<f32>,
 }
 
 /// The tensor `name` as a flat vector, checked to hold `len` values.
-fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
+pub(crate) fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>> {
     let bad = |reason: String| RetrieverError::Checkpoint { path: "model.safetensors".into(), reason };
     let t = tensors.get(name).ok_or_else(|| bad(format!("missing tensor {name}")))?;
     if t.elem_count() != len {
@@ -54,45 +99,49 @@ fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec
     Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
 }
 
-fn norm(tensors: &HashMap<String, Tensor>, prefix: &str, dim: usize) -> Result<Norm> {
+pub(crate) fn norm(tensors: &HashMap<String, Tensor>, prefix: &str, dim: usize) -> Result<Norm> {
     Ok(Norm { weight: take(tensors, &format!("{prefix}.weight"), dim)?, bias: take(tensors, &format!("{prefix}.bias"), dim)? })
 }
 
+fn lru_layers(config: &LruRecConfig, tensors: &HashMap<String, Tensor>) -> Result<Vec<Layer>> {
+    let (d, h) = (config.embed_dim, config.state_dim);
+    let mut layers = Vec::with_capacity(config.num_blocks);
+    for i in 0..config.num_blocks {
+        let p = format!("blocks.{i}.lru");
+        let params_log = take(tensors, &format!("{p}.params_log"), 3 * h)?;
+        let (nu_log, rest) = params_log.split_at(h);
+        let (theta_log, gamma_log) = rest.split_at(h);
+        let modulus: Vec<f64> = nu_log.iter().map(|&v| (-(v as f64).exp()).exp()).collect();
+        let theta: Vec<f64> = theta_log.iter().map(|&v| (v as f64).exp()).collect();
+        layers.push(Layer {
+            lambda_re: modulus.iter().zip(&theta).map(|(m, t)| (m * t.cos()) as f32).collect(),
+            lambda_im: modulus.iter().zip(&theta).map(|(m, t)| (m * t.sin()) as f32).collect(),
+            gamma: gamma_log.iter().map(|v| v.exp()).collect(),
+            in_weight: take(tensors, &format!("{p}.in_proj.weight"), 2 * h * d)?,
+            in_bias: take(tensors, &format!("{p}.in_proj.bias"), 2 * h)?,
+            out_weight: take(tensors, &format!("{p}.out_proj.weight"), d * 2 * h)?,
+            out_bias: take(tensors, &format!("{p}.out_proj.bias"), d)?,
+            lru_norm: norm(tensors, &format!("{p}.layer_norm"), d)?,
+            ffn: Ffn::new(tensors, &format!("blocks.{i}.ffn"), config)?,
+        });
+    }
+    Ok(layers)
+}
+
 impl Encoder {
-    /// Builds the encoder from checkpoint tensors (names as in `model.rs`).
+    /// Builds the encoder from checkpoint tensors (names as in `model.rs` and `sasrec.rs`).
     pub fn new(config: &LruRecConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
         config.validate()?;
-        let (v, d, h, f) = (config.vocab_size(), config.embed_dim, config.state_dim, config.ffn_dim);
-        let mut layers = Vec::with_capacity(config.num_blocks);
-        for i in 0..config.num_blocks {
-            let p = format!("blocks.{i}.lru");
-            let params_log = take(tensors, &format!("{p}.params_log"), 3 * h)?;
-            let (nu_log, rest) = params_log.split_at(h);
-            let (theta_log, gamma_log) = rest.split_at(h);
-            let modulus: Vec<f64> = nu_log.iter().map(|&v| (-(v as f64).exp()).exp()).collect();
-            let theta: Vec<f64> = theta_log.iter().map(|&v| (v as f64).exp()).collect();
-            let ffn = format!("blocks.{i}.ffn");
-            layers.push(Layer {
-                lambda_re: modulus.iter().zip(&theta).map(|(m, t)| (m * t.cos()) as f32).collect(),
-                lambda_im: modulus.iter().zip(&theta).map(|(m, t)| (m * t.sin()) as f32).collect(),
-                gamma: gamma_log.iter().map(|v| v.exp()).collect(),
-                in_weight: take(tensors, &format!("{p}.in_proj.weight"), 2 * h * d)?,
-                in_bias: take(tensors, &format!("{p}.in_proj.bias"), 2 * h)?,
-                out_weight: take(tensors, &format!("{p}.out_proj.weight"), d * 2 * h)?,
-                out_bias: take(tensors, &format!("{p}.out_proj.bias"), d)?,
-                lru_norm: norm(tensors, &format!("{p}.layer_norm"), d)?,
-                w1: take(tensors, &format!("{ffn}.w_1.weight"), f * d)?,
-                b1: take(tensors, &format!("{ffn}.w_1.bias"), f)?,
-                w2: take(tensors, &format!("{ffn}.w_2.weight"), d * f)?,
-                b2: take(tensors, &format!("{ffn}.w_2.bias"), d)?,
-                ffn_norm: norm(tensors, &format!("{ffn}.layer_norm"), d)?,
-            });
-        }
+        let (v, d) = (config.vocab_size(), config.embed_dim);
+        let body = match config.kind {
+            ModelKind::LruRec => Body::LruRec(lru_layers(config, tensors)?),
+            ModelKind::SasRec => Body::SasRec(SasEncoder::new(config, tensors)?),
+        };
         Ok(Self {
             config: config.clone(),
             embedding: take(tensors, "embedding.token.weight", v * d)?,
             embed_norm: norm(tensors, "embedding.layer_norm", d)?,
-            layers,
+            body,
             output_bias: take(tensors, "output.bias", v)?,
         })
     }
@@ -100,6 +149,12 @@ impl Encoder {
     /// The model's hyper-parameters.
     pub fn config(&self) -> &LruRecConfig {
         &self.config
+    }
+
+    /// Whether a state can absorb more events ([`Encoder::extend`]); false for SASRec, whose
+    /// state after a longer history has to be encoded from the history.
+    pub fn is_recurrent(&self) -> bool {
+        matches!(self.body, Body::LruRec(_))
     }
 
     /// Item embedding, (V+1) rows of `embed_dim` values, row 0 = padding.
@@ -114,23 +169,33 @@ impl Encoder {
 
     /// The state of a user without events.
     pub fn empty_state(&self) -> UserState {
-        UserState::empty(self.layers.len(), self.config.state_dim)
+        match &self.body {
+            Body::LruRec(layers) => UserState::empty(layers.len(), self.config.state_dim),
+            Body::SasRec(_) => UserState::empty(0, 0),
+        }
     }
 
-    /// The state after `history` (oldest first), from scratch.
+    /// The state after `history` (oldest first, at most `max_len` events for SASRec), from
+    /// scratch.
     pub fn encode(&self, history: &[u32]) -> Result<UserState> {
         let mut state = self.empty_state();
-        self.extend(&mut state, history)?;
+        if !history.is_empty() {
+            self.run(&mut state, history, false)?;
+        }
         Ok(state)
     }
 
-    /// Absorbs one more event into `state`: O(1) in the length of the history.
+    /// Absorbs one more event into `state`: O(1) in the length of the history. LRURec only.
     pub fn push(&self, state: &mut UserState, item: u32) -> Result<()> {
         self.extend(state, &[item])
     }
 
-    /// Absorbs `events` (oldest first) into `state`.
+    /// Absorbs `events` (oldest first) into `state`. LRURec only: a SASRec state cannot absorb
+    /// events (an error), encode the longer history instead.
     pub fn extend(&self, state: &mut UserState, events: &[u32]) -> Result<()> {
+        if !self.is_recurrent() {
+            return Err(RetrieverError::Config("a SASRec state cannot absorb events; encode the whole window".into()));
+        }
         if !events.is_empty() {
             self.run(state, events, false)?;
         }
@@ -139,7 +204,7 @@ impl Encoder {
 
     /// The last block's output after every event of `history` ((len × D), row t = the hidden
     /// state the model scores with after event t), from an empty state. Used to check the
-    /// step recurrence against the training graph.
+    /// serving path against the training graph.
     pub fn hidden_states(&self, history: &[u32]) -> Result<Vec<f32>> {
         let mut state = self.empty_state();
         self.run(&mut state, history, true)
@@ -167,8 +232,28 @@ impl Encoder {
     /// stored in the state).
     fn run(&self, state: &mut UserState, events: &[u32], all_rows: bool) -> Result<Vec<f32>> {
         self.check_items(events)?;
+        let x = match &self.body {
+            Body::LruRec(layers) => self.run_lru(layers, state, events, all_rows),
+            Body::SasRec(sas) => {
+                if events.len() > self.config.max_len {
+                    return Err(RetrieverError::Config(format!(
+                        "SASRec encodes at most max_len = {} events, got {}",
+                        self.config.max_len,
+                        events.len()
+                    )));
+                }
+                sas.run(&self.config, &self.embedding, &self.embed_norm, events, all_rows)
+            }
+        };
+        let d = self.config.embed_dim;
+        state.output = x[x.len() - d..].to_vec();
+        state.events += events.len();
+        Ok(x)
+    }
+
+    fn run_lru(&self, layers: &[Layer], state: &mut UserState, events: &[u32], all_rows: bool) -> Vec<f32> {
         let cfg = &self.config;
-        let (d, h, f, eps) = (cfg.embed_dim, cfg.state_dim, cfg.ffn_dim, cfg.layer_norm_eps as f32);
+        let (d, h, eps) = (cfg.embed_dim, cfg.state_dim, cfg.layer_norm_eps as f32);
         let n = events.len();
         let mut x = Vec::with_capacity(n * d);
         for &item in events {
@@ -177,8 +262,8 @@ impl Encoder {
         layer_norm(&mut x, &self.embed_norm.weight, &self.embed_norm.bias, eps);
 
         let mut bx = vec![0.0; n * 2 * h];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let last_layer = l + 1 == self.layers.len();
+        for (l, layer) in layers.iter().enumerate() {
+            let last_layer = l + 1 == layers.len();
             // Rows whose block output is needed: all of them, except in the last layer.
             let first_row = if last_layer && !all_rows { n - 1 } else { 0 };
             let rows = n - first_row;
@@ -208,20 +293,9 @@ impl Encoder {
                 *yv += xv;
             }
             layer_norm(&mut y, &layer.lru_norm.weight, &layer.lru_norm.bias, eps);
-            let mut inner = vec![0.0; rows * f];
-            linear(&y, rows, &layer.w1, &layer.b1, f, d, &mut inner);
-            gelu_erf(&mut inner);
-            let mut z = vec![0.0; rows * d];
-            linear(&inner, rows, &layer.w2, &layer.b2, d, f, &mut z);
-            for (zv, yv) in z.iter_mut().zip(&y) {
-                *zv += yv;
-            }
-            layer_norm(&mut z, &layer.ffn_norm.weight, &layer.ffn_norm.bias, eps);
-            x = z;
+            x = layer.ffn.apply(&y, rows, eps);
         }
-        state.output = x[x.len() - d..].to_vec();
-        state.events += n;
-        Ok(x)
+        x
     }
 }
 

@@ -1,5 +1,5 @@
 //! Full-ranking evaluation of the retriever: every item scored, the user's history masked, the
-//! target's rank turned into Recall/NDCG/MRR at 1, 5, 10, 20 by the shared metrics.
+//! target's rank turned into Recall/NDCG/MRR at 1, 5, 10, 20, 50, 100 by the shared metrics.
 
 use crate::encoder::Encoder;
 use crate::error::Result;
@@ -42,9 +42,13 @@ pub fn ranks(encoder: &Encoder, cases: &[EvalCase<'_>], threads: usize) -> Resul
     })
 }
 
-/// Metrics over `cases` (see [`ranks`]).
+/// Cut-offs of the retriever's reports: the paper's 1/5/10/20, and 50/100 for candidate lists
+/// longer than the ranker's 20.
+pub const RETRIEVER_KS: [usize; 6] = [1, 5, 10, 20, 50, 100];
+
+/// Metrics over `cases` (see [`ranks`]) at [`RETRIEVER_KS`].
 pub fn evaluate(encoder: &Encoder, cases: &[EvalCase<'_>], threads: usize) -> Result<MetricReport> {
-    let mut acc = MetricAccumulator::default();
+    let mut acc = MetricAccumulator::new(&RETRIEVER_KS);
     for rank in ranks(encoder, cases, threads)? {
         acc.add(Some(rank));
     }

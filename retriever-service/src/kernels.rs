@@ -44,6 +44,75 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out_dim: usize, i
     }
 }
 
+/// A strided view of a row-major matrix inside a slice: element (r, c) is
+/// `data[offset + r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    /// The backing buffer.
+    pub data: &'a [f32],
+    /// Index of element (0, 0).
+    pub offset: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+impl Strided<'_> {
+    /// Panics unless every element of a (rows × cols) matrix lies inside `data`.
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = self.offset + (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "strided matrix ({rows} × {cols}) reaches {last}, buffer {}", self.data.len());
+        }
+    }
+}
+
+/// `out[o + r·out_row_stride + c] = Σ_k a(r, k) · b(k, c)` for an (m × k) `a` and a (k × n)
+/// `b`, both strided views; `out`'s rows are contiguous. Used for the per-head attention
+/// products, whose heads are interleaved column blocks of one buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, out: &mut [f32], out_offset: usize, out_row_stride: usize) {
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(out_offset + (m - 1) * out_row_stride + n <= out.len(), "output ({m} × {n}) outside its buffer");
+    if k == 0 {
+        for r in 0..m {
+            out[out_offset + r * out_row_stride..][..n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the checks above bound every element gemm reads (a: m × k, b: k × n, through
+    // their strides and offsets) and writes (out: m rows of n contiguous values from
+    // `out_offset`, row stride `out_row_stride`) to the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr().add(out_offset),
+            1,
+            out_row_stride as isize,
+            false,
+            a.data.as_ptr().add(a.offset),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr().add(b.offset),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Normalises each `dim`-wide row of `x` in place to zero mean and unit variance, then applies
 /// gain `w` and bias `b` (population variance, as PyTorch's LayerNorm).
 pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
@@ -160,5 +229,28 @@ mod tests {
         let mut g = [0.0, 1.0, -1.0];
         gelu_erf(&mut g);
         assert!(g[0].abs() < 1e-7 && (g[1] - 0.841_344_7).abs() < 1e-6 && (g[2] + 0.158_655_3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn strided_product_matches_naive_on_interleaved_heads() {
+        // Two 3-wide heads interleaved in rows of 6: head 1 of A (4 × 3) times head 1 of B seen
+        // transposed (3 × 5), written into columns 2..7 of an output with rows of 8.
+        let a: Vec<f32> = (0..4 * 6).map(|i| (i as f32 * 0.7).sin()).collect();
+        let b: Vec<f32> = (0..5 * 6).map(|i| (i as f32 * 0.3).cos()).collect();
+        let mut out = vec![9.0; 4 * 8];
+        let av = Strided { data: &a, offset: 3, row_stride: 6, col_stride: 1 };
+        let bv = Strided { data: &b, offset: 3, row_stride: 1, col_stride: 6 };
+        matmul_strided(4, 5, 3, av, bv, &mut out, 2, 8);
+        for r in 0..4 {
+            for c in 0..8 {
+                let got = out[r * 8 + c];
+                if !(2..7).contains(&c) {
+                    assert_eq!(got, 9.0, "untouched column {c}");
+                    continue;
+                }
+                let want: f32 = (0..3).map(|k| a[r * 6 + 3 + k] * b[(c - 2) * 6 + 3 + k]).sum();
+                assert!((got - want).abs() < 1e-5, "({r}, {c}): {got} vs {want}");
+            }
+        }
     }
 }

@@ -1,10 +1,14 @@
-//! LRURec, the first stage of LlamaRec: a linear-recurrent sequential recommender that turns a
-//! user's history into the candidates the LLM ranks.
+//! The first stage of LlamaRec: a sequential recommender that turns a user's history into the
+//! candidates the LLM ranks. Two model families, named by a checkpoint's `config.json`
+//! ([`config::ModelKind`]): LRURec (the paper's, linear recurrent units) and SASRec (causal
+//! self-attention).
 //!
 //! - Training (candle, CPU): [`model::LruRec`] runs the recurrence as a log-depth parallel scan
-//!   ([`scan`]); [`train::train`] is the loop, writing a [`checkpoint`] directory.
+//!   ([`scan`]), [`sasrec::SasRec`] is the attention graph, [`sequence_model::SequenceModel`]
+//!   either one; [`train::train`] is the loop, writing a [`checkpoint`] directory.
 //! - Serving (plain Rust over contiguous f32): [`encoder::Encoder`] runs the same recurrence step
-//!   by step into a per-user [`state::UserState`]; [`topk`] scores the catalog in blocks with a
+//!   by step into a per-user [`state::UserState`] (SASRec: re-encodes the window,
+//!   [`sasrec_encoder`]); [`topk`] scores the catalog in blocks with a
 //!   bounded heap (with an int8 pass and exact re-scoring for large catalogs, [`quantized`]);
 //!   [`retriever::Retriever`] ties them to a checkpoint.
 //! - Serving over gRPC: [`service`] (the `llamarec.v1.Retriever` handlers), [`server`] (start-up,
@@ -29,7 +33,10 @@ pub mod optim;
 pub mod params;
 pub mod quantized;
 pub mod retriever;
+pub mod sasrec;
+pub mod sasrec_encoder;
 pub mod scan;
+pub mod sequence_model;
 pub mod server;
 pub mod service;
 pub mod service_config;
@@ -39,7 +46,7 @@ pub mod topk;
 pub mod train;
 
 pub use catalog::{Catalog, CatalogItem};
-pub use config::LruRecConfig;
+pub use config::{LruRecConfig, ModelKind};
 pub use encoder::Encoder;
 pub use error::{Result, RetrieverError};
 pub use retriever::{CandidateSource, Retrieval, Retriever};

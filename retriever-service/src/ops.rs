@@ -1,5 +1,5 @@
-//! Fused training operations with hand-written gradients: layer norm, exact GELU and softmax
-//! cross-entropy.
+//! Fused training operations with hand-written gradients: layer norm, exact GELU, softmax
+//! cross-entropy and the causal, padding-aware attention softmax.
 //!
 //! Built from generic candle operations each of these is 6–12 passes over the activations
 //! forwards and about twice that backwards, every pass a fresh allocation; on a 2-core CPU they
@@ -176,6 +176,71 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyOp)?.mean_all()
 }
 
+struct CausalSoftmaxOp {
+    /// Per batch row, the first real (non-padding) column.
+    first: Vec<usize>,
+}
+
+impl CausalSoftmaxOp {
+    /// Columns of query row `i` that may be attended to in batch row `b`: `first[b]..=i`
+    /// (earlier events of the same sequence). Empty for a padding query (`i < first[b]`).
+    fn keys(&self, b: usize, i: usize) -> std::ops::Range<usize> {
+        self.first[b]..(i + 1).max(self.first[b])
+    }
+}
+
+impl CustomOp1 for CausalSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous::<f32>(storage, layout, "causal softmax")?;
+        let (batch, heads, len, len2) = layout.shape().dims4()?;
+        if len != len2 || batch != self.first.len() {
+            candle_core::bail!("causal softmax wants (batch {}, heads, L, L), got {:?}", self.first.len(), layout.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        for (r, (row, o)) in x.chunks_exact(len).zip(out.chunks_exact_mut(len)).enumerate() {
+            let keys = self.keys(r / (heads * len), r % len);
+            if keys.is_empty() {
+                continue;
+            }
+            let max = row[keys.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for j in keys.clone() {
+                o[j] = (row[j] - max).exp();
+                sum += o[j];
+            }
+            for v in &mut o[keys] {
+                *v /= sum;
+            }
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dx_j = y_j (g_j - Σ_k g_k y_k); masked entries have y = 0 and get no gradient.
+        let (y, g) = (values(res)?, values(grad)?);
+        let len = res.dim(3)?;
+        let mut dx = vec![0f32; y.len()];
+        for ((yr, gr), d) in y.chunks_exact(len).zip(g.chunks_exact(len)).zip(dx.chunks_exact_mut(len)) {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((dv, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                *dv = yv * (gv - dot);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// Attention probabilities from scores `x` (batch, heads, L, L) of left-padded sequences whose
+/// first real column is `first[b]`: query i attends to keys `first[b]..=i` only (no future, no
+/// padding); padding queries get all-zero rows (their outputs are never used as predictions).
+pub fn causal_softmax(x: &Tensor, first: &[usize]) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(CausalSoftmaxOp { first: first.to_vec() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +295,47 @@ mod tests {
             let (a, c) = (g_ref.get(var.as_tensor()).unwrap(), g_fused.get(var.as_tensor()).unwrap());
             assert!(max_diff(a, c) < 1e-5, "gradient differs by {}", max_diff(a, c));
         }
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_candle_softmax_and_its_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (batch, heads, len) = (2, 2, 5);
+        let first = [0usize, 2];
+        let x = Var::from_vec(random(&mut rng, (batch * heads * len, len)), (batch, heads, len, len), &dev).unwrap();
+        let weights = Tensor::from_vec(random(&mut rng, (batch * heads * len, len)), (batch, heads, len, len), &dev).unwrap();
+        // Reference: -1e9 where a key is in the future or padding, candle's softmax, and the
+        // padding query rows (all keys masked) zeroed afterwards.
+        let mut mask = vec![0f32; batch * heads * len * len];
+        let mut row_keep = vec![0f32; batch * heads * len * len];
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..len {
+                    for j in 0..len {
+                        let at = ((b * heads + h) * len + i) * len + j;
+                        if j > i || j < first[b] {
+                            mask[at] = -1e9;
+                        }
+                        row_keep[at] = if i >= first[b] { 1.0 } else { 0.0 };
+                    }
+                }
+            }
+        }
+        let shape = (batch, heads, len, len);
+        let mask = Tensor::from_vec(mask, shape, &dev).unwrap();
+        let row_keep = Tensor::from_vec(row_keep, shape, &dev).unwrap();
+        let reference = (candle_nn::ops::softmax(&(x.as_tensor() + &mask).unwrap(), D::Minus1).unwrap() * &row_keep).unwrap();
+        let fused = causal_softmax(x.as_tensor(), &first).unwrap();
+        assert!(max_diff(&reference, &fused) < 1e-6);
+        // A real query's probabilities sum to 1 over its allowed keys; the future gets nothing.
+        let values = fused.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let at = |b: usize, i: usize, j: usize| values[((b * heads) * len + i) * len + j];
+        assert!((at(1, 3, 2) + at(1, 3, 3) - 1.0).abs() < 1e-6 && at(1, 3, 4) == 0.0 && at(1, 3, 1) == 0.0);
+        assert!((0..len).all(|j| at(1, 1, j) == 0.0), "padding query");
+        let g_ref = (reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_fused = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (g_ref.get(x.as_tensor()).unwrap(), g_fused.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, c) < 1e-5, "gradient differs by {}", max_diff(a, c));
     }
 }

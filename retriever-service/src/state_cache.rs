@@ -97,11 +97,13 @@ impl StateCache {
     }
 
     /// The state after exactly `window` (the events the model reads, oldest first), from the
-    /// cache when it holds `window` or a prefix of it at most [`MAX_CATCH_UP`] events shorter;
-    /// whatever is computed is cached.
+    /// cache when it holds `window` or (recurrent models) a prefix of it at most
+    /// [`MAX_CATCH_UP`] events shorter; whatever is computed is cached.
     pub fn state(&self, encoder: &Encoder, window: &[u32]) -> Result<(UserState, Outcome)> {
         let hashes = prefix_hashes(window);
-        let shortest = window.len().saturating_sub(MAX_CATCH_UP).max(1);
+        // A state without a recurrence (SASRec) cannot absorb events: only the same window helps.
+        let catch_up = if encoder.is_recurrent() { MAX_CATCH_UP } else { 0 };
+        let shortest = window.len().saturating_sub(catch_up).max(1);
         for absorbed in (shortest..=window.len()).rev() {
             let Some(entry) = self.entries.get(&hashes[absorbed]) else { continue };
             if *entry.window != window[..absorbed] {

@@ -12,7 +12,7 @@ use crate::dropout::DropoutRng;
 use crate::encoder::Encoder;
 use crate::error::{Result, RetrieverError};
 use crate::evaluate::{evaluate, split_cases};
-use crate::model::LruRec;
+use crate::sequence_model::SequenceModel;
 use crate::optim::{AdamW, AdamWConfig};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -181,8 +181,9 @@ pub fn catalog_items(dataset: &Dataset) -> Vec<CatalogItem> {
         .collect()
 }
 
-/// Trains LRURec on `dataset` into the checkpoint directory `out_dir` (created if needed) and
-/// returns the report also written to `report.json`.
+/// Trains the model that `config.model.kind` names (LRURec or SASRec) on `dataset` into the
+/// checkpoint directory `out_dir` (created if needed) and returns the report also written to
+/// `report.json`.
 pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<TrainReport> {
     let run_started = Instant::now();
     keep_freed_memory();
@@ -223,12 +224,12 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
     let resuming = config.resume && state_path.is_file() && out_dir.join(LAST_MODEL_FILE).is_file();
     let (model, mut optimizer, mut state) = if resuming {
         let state: TrainerState = read_json(&state_path)?;
-        let model = LruRec::load(&config.model, &out_dir.join(LAST_MODEL_FILE), &device)?;
+        let model = SequenceModel::load(&config.model, &out_dir.join(LAST_MODEL_FILE), &device)?;
         let optimizer = AdamW::load(model.params(), config.optimizer, &out_dir.join(OPTIMIZER_FILE), state.optimizer_steps)?;
         tracing::info!(epochs_done = state.epochs_done, best_epoch = state.best_epoch, "resuming retriever training");
         (model, optimizer, state)
     } else {
-        let model = LruRec::init(&config.model, config.seed, &device)?;
+        let model = SequenceModel::init(&config.model, config.seed, &device)?;
         let optimizer = AdamW::new(model.params(), config.optimizer)?;
         (model, optimizer, TrainerState::default())
     };
@@ -275,7 +276,7 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
             bar.set_message(format!("loss {:.4}{}", loss_sum / targets_seen as f64, best_text(&state)));
         }
 
-        let encoder = Encoder::new(&model.config, &model.tensors())?;
+        let encoder = Encoder::new(model.config(), &model.tensors())?;
         let validation = evaluate(&encoder, &validation_cases, config.eval_threads)?;
         let (recall, ndcg) = (validation.get(10).recall, validation.get(10).ndcg);
         state.epochs_done = epoch;
@@ -314,8 +315,8 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
     }
     bar.finish_and_clear();
 
-    let best = LruRec::load(&config.model, &out_dir.join(MODEL_FILE), &device)?;
-    let encoder = Encoder::new(&best.config, &best.tensors())?;
+    let best = SequenceModel::load(&config.model, &out_dir.join(MODEL_FILE), &device)?;
+    let encoder = Encoder::new(best.config(), &best.tensors())?;
     let test = evaluate(&encoder, &test_cases, config.eval_threads)?;
     let report = TrainReport {
         data,

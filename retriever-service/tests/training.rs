@@ -1,11 +1,12 @@
 //! Training end to end on a small synthetic data set: learning, checkpoint layout, resuming,
-//! step recurrence against the training graph on the trained model, and the retriever on top.
+//! the serving encoder against the training graph on the trained model, and the retriever on
+//! top, for LRURec and SASRec.
 
 use candle_core::{Device, Tensor};
 use llamarec_common::data::{Dataset, Item, UserHistory};
 use retriever_service::checkpoint::{Checkpoint, CONFIG_FILE, ITEMS_FILE, MODEL_FILE, REPORT_FILE};
-use retriever_service::model::LruRec;
-use retriever_service::{CandidateSource, Encoder, LruRecConfig, Retriever, RetrieverError, TrainConfig};
+use retriever_service::sequence_model::SequenceModel;
+use retriever_service::{CandidateSource, Encoder, LruRecConfig, ModelKind, Retriever, RetrieverError, TrainConfig};
 use std::path::Path;
 
 const ITEMS: u32 = 30;
@@ -71,7 +72,7 @@ fn learns_the_pattern_writes_a_checkpoint_and_resumes_identically() {
 /// The trained model: step recurrence = parallel scan, and the retriever's behaviour.
 fn check_trained_model(dir: &Path, data: &Dataset) {
     let checkpoint = Checkpoint::load(dir).unwrap();
-    let model = LruRec::from_tensors(&checkpoint.config, &checkpoint.tensors, &Device::Cpu).unwrap();
+    let model = SequenceModel::from_tensors(&checkpoint.config, &checkpoint.tensors, &Device::Cpu).unwrap();
     let encoder = Encoder::new(&checkpoint.config, &checkpoint.tensors).unwrap();
     let d = checkpoint.config.embed_dim;
     let mut worst = 0f32;
@@ -83,7 +84,7 @@ fn check_trained_model(dir: &Path, data: &Dataset) {
         assert_eq!(graph.len(), seq.len() * d);
         worst = graph.iter().zip(&steps).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
     }
-    assert!(worst <= 1e-4, "trained model: parallel scan vs step recurrence differ by {worst}");
+    assert!(worst <= 1e-4, "trained model: training graph vs serving encoder differ by {worst}");
 
     let retriever = Retriever::load(dir).unwrap();
     let popular = retriever.retrieve(&[], 3, true).unwrap();
@@ -101,4 +102,41 @@ fn check_trained_model(dir: &Path, data: &Dataset) {
     let kept = retriever.retrieve(&history, ITEMS as usize, false).unwrap();
     assert_eq!(kept.candidates.len(), ITEMS as usize, "every real item, none twice, padding never");
     assert!(matches!(retriever.retrieve(&[4, ITEMS + 1], 5, true), Err(RetrieverError::UnknownItem { .. })));
+}
+
+#[test]
+fn sasrec_learns_the_pattern_and_its_checkpoint_serves_with_cached_states() {
+    let data = synthetic();
+    let dir = tempfile::tempdir().unwrap();
+    let mut recipe = config(8);
+    recipe.model.kind = ModelKind::SasRec;
+    recipe.model.num_heads = 2;
+    recipe.first_item_target = false;
+    let report = retriever_service::train(&data, &recipe, dir.path()).unwrap();
+    assert!(report.validation.get(10).recall > 0.9, "pattern not learnt: {:?}", report.validation);
+    assert!(report.validation.get(100).recall >= report.validation.get(10).recall, "R@100 reported");
+    let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+    assert!(text.contains("\"kind\": \"sasrec\""), "{text}");
+    assert_eq!(Checkpoint::load(dir.path()).unwrap().config.kind, ModelKind::SasRec);
+    check_trained_model(dir.path(), &data);
+
+    // Served with a state cache: a returning user's answer equals the uncached one.
+    let cached = Retriever::load(dir.path()).unwrap().with_state_cache(1 << 20);
+    let history = [10, 11, 12, 13];
+    let first = cached.retrieve(&history, 5, true).unwrap();
+    assert_eq!(cached.retrieve_if_cheap(&history, 5, true), Some(first.clone()));
+    assert_eq!(Retriever::load(dir.path()).unwrap().retrieve(&history, 5, true).unwrap(), first);
+    // A history longer than the window: the model reads its last max_len events.
+    let long: Vec<u32> = (0..45).map(|t| t % ITEMS + 1).collect();
+    let tail = &long[long.len() - recipe.model.max_len..];
+    assert_eq!(cached.retrieve(&long, 5, false).unwrap(), cached.retrieve(tail, 5, false).unwrap());
+}
+
+#[test]
+fn checkpoints_written_before_model_kinds_load_as_lrurec() {
+    let old = r#"{"num_items": 3, "embed_dim": 64, "num_blocks": 2, "state_dim": 128, "ffn_dim": 256,
+        "r_min": 0.8, "r_max": 0.99, "dropout": 0.5, "layer_norm_eps": 0.00001, "init_std": 0.02, "max_len": 200}"#;
+    let config: LruRecConfig = serde_json::from_str(old).unwrap();
+    assert_eq!(config.kind, ModelKind::LruRec);
+    assert!(serde_json::from_str::<LruRecConfig>(r#"{"kind": "transformer"}"#).is_err(), "unknown kinds are refused");
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use llamarec_common::config::ConfigLayers;
 use llamarec_common::data::{Dataset, Split};
 use llamarec_common::metrics::{EvalReport, MetricAccumulator};
-use retriever_service::evaluate::{ranks, split_cases};
+use retriever_service::evaluate::{ranks, split_cases, RETRIEVER_KS};
 use retriever_service::service_config::RetrieverServiceConfig;
 use retriever_service::Retriever;
 use std::time::Instant;
@@ -17,7 +17,7 @@ pub fn in_process(layers: &ConfigLayers, dataset: &Dataset, split: Split, sample
     let mut cases = split_cases(dataset, split);
     cases.truncate(sample.unwrap_or(usize::MAX));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut acc = MetricAccumulator::default();
+    let mut acc = MetricAccumulator::new(&RETRIEVER_KS);
     for rank in ranks(retriever.encoder(), &cases, threads)? {
         acc.add(Some(rank));
     }

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TrainCommand {
-    /// LRURec with the `[retriever.train]` recipe into the `[retriever] checkpoint` directory
-    /// (resumes from the directory's last epoch unless --fresh).
+    /// The retriever (LRURec or SASRec, `[retriever.train.model] kind`) with the
+    /// `[retriever.train]` recipe into the `[retriever] checkpoint` directory (resumes from the
+    /// directory's last epoch unless --fresh).
     Retriever(RetrieverTrainArgs),
     /// LoRA fine-tuning of the `[ranker]` model with the `[ranker.train]` recipe (resumes from
     /// OUT/checkpoint unless --fresh).
@@ -42,7 +43,11 @@ fn retriever(layers: &ConfigLayers, args: RetrieverTrainArgs) -> Result<()> {
     let out = args.out.unwrap_or(config.checkpoint);
     let mut recipe = config.train;
     recipe.resume = recipe.resume && !args.fresh;
-    eprintln!("training LRURec on {} ({} users, {} items) into {}", dataset.name, dataset.users.len(), dataset.num_items(), out.display());
+    let kind = match recipe.model.kind {
+        retriever_service::ModelKind::LruRec => "LRURec",
+        retriever_service::ModelKind::SasRec => "SASRec",
+    };
+    eprintln!("training {kind} on {} ({} users, {} items) into {}", dataset.name, dataset.users.len(), dataset.num_items(), out.display());
     let report = retriever_service::train(&dataset, &recipe, &out).with_context(|| format!("training into {}", out.display()))?;
     println!(
         "best epoch {} of {}: {:.0} s to best, {:.0} s in all",

@@ -11,7 +11,7 @@ use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::RetrieveRequest;
 use retriever_service::checkpoint::{read_json, REPORT_FILE};
-use retriever_service::model::LruRec;
+use retriever_service::sequence_model::SequenceModel;
 use retriever_service::service_config::RetrieverServiceConfig;
 use retriever_service::{Catalog, CatalogItem, Encoder, LruRecConfig, Retriever, TrainReport};
 use serde_json::{json, Value};
@@ -29,7 +29,8 @@ pub struct RetrieverBenchArgs {
     /// Candidates per request.
     #[arg(long, default_value_t = 20)]
     k: u32,
-    /// Catalog sizes for the scaling series (random model, 200-event history).
+    /// Catalog sizes for the scaling series (random model of the checkpoint's shape, 200-event
+    /// history of which the model reads its last `max_len`).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000,1000000")]
     sizes: Vec<usize>,
     /// Requests per catalog size (a quarter of it for catalogs of a million items or more).
@@ -45,8 +46,10 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     let histories: Vec<Vec<u32>> = dataset.eval_examples(Split::Test).map(|e| e.history.to_vec()).collect();
 
     let report: TrainReport = read_json(&config.checkpoint.join(REPORT_FILE)).context("reading the checkpoint's training report")?;
+    let model = report.config.model.clone();
     let training = json!({
         "checkpoint": config.checkpoint.display().to_string(),
+        "model": model,
         "best_epoch": report.best_epoch,
         "epochs": report.epochs,
         "time_to_best_s": report.time_to_best_s,
@@ -71,7 +74,7 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
 
     let sizes = args.sizes.clone();
     let size_requests = args.size_requests;
-    let scaling = tokio::task::spawn_blocking(move || catalog_series(&sizes, size_requests, k)).await??;
+    let scaling = tokio::task::spawn_blocking(move || catalog_series(&model, &sizes, size_requests, k)).await??;
 
     let machine = json!({
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -160,11 +163,12 @@ async fn grpc_series(mut config: RetrieverServiceConfig, dataset: &Dataset, hist
 }
 
 /// A retriever over `n` items with random weights (embeddings N(0, 0.02²) like the
-/// initialisation), built without materialising a trainable model of that size.
-fn random_retriever(n: usize) -> Result<Retriever> {
-    let small = LruRecConfig::for_items(16);
-    let mut tensors = LruRec::init(&small, 7, &Device::Cpu)?.tensors();
-    let config = LruRecConfig::for_items(n);
+/// initialisation) and the shape of `model` (the served checkpoint's family, width and window),
+/// built without materialising a trainable model of that size.
+fn random_retriever(model: &LruRecConfig, n: usize) -> Result<Retriever> {
+    let small = LruRecConfig { num_items: 16, ..model.clone() };
+    let mut tensors = SequenceModel::init(&small, 7, &Device::Cpu)?.tensors();
+    let config = LruRecConfig { num_items: n, ..model.clone() };
     tensors.insert("embedding.token.weight".into(), Tensor::randn(0f32, 0.02, (n + 1, config.embed_dim), &Device::Cpu)?);
     tensors.insert("output.bias".into(), Tensor::randn(0f32, 0.02, n + 1, &Device::Cpu)?);
     let encoder = Encoder::new(&config, &tensors)?;
@@ -173,15 +177,15 @@ fn random_retriever(n: usize) -> Result<Retriever> {
     Ok(Retriever::new(encoder, Catalog::new(items)))
 }
 
-fn catalog_series(sizes: &[usize], requests: usize, k: usize) -> Result<Vec<Value>> {
+fn catalog_series(model: &LruRecConfig, sizes: &[usize], requests: usize, k: usize) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &n in sizes {
-        let retriever = random_retriever(n)?;
+        let retriever = random_retriever(model, n)?;
         let quantized = n >= retriever_service::retriever::QUANTIZED_SCORING_MIN_ITEMS;
         let requests = if n >= 1_000_000 { (requests / 4).max(1) } else { requests };
         let mut variants = vec![(if quantized { "int8 scan + exact f32 re-scoring" } else { "f32" }, retriever)];
         if quantized {
-            variants.push(("f32", random_retriever(n)?.with_quantized_scoring(false)));
+            variants.push(("f32", random_retriever(model, n)?.with_quantized_scoring(false)));
         }
         for (scoring, retriever) in variants {
             let history: Vec<u32> = (0..200u32).map(|i| (i.wrapping_mul(7919) as usize % n) as u32 + 1).collect();

@@ -1,0 +1,67 @@
+//! Validation metrics of score ensembles of retriever checkpoints (a probe for issue #17: does
+//! averaging an LRURec and a SASRec, or two seeds, beat each alone?). Reads the validation split
+//! only.
+//!
+//! `target/release/examples/ensemble_probe DIR_A DIR_B` (build with `cargo build --release
+//! --workspace --locked --examples`), `ASSETS` (default `assets`) pointing at the assets.
+//! Prints R/N at 10 and R at 20/50/100 for w·A + (1−w)·B over a grid of w, scores being each
+//! model's log-softmax over the items (a per-user shift of the raw scores, so w = 0 and 1 rank
+//! as the models alone).
+
+use llamarec_common::data::{DataConfig, Dataset, Split};
+use llamarec_common::metrics::{rank_of_target, MetricAccumulator};
+use retriever_service::checkpoint::Checkpoint;
+use retriever_service::evaluate::{split_cases, RETRIEVER_KS};
+use retriever_service::Encoder;
+use std::path::PathBuf;
+
+fn log_softmax(scores: &mut [f32]) {
+    let max = scores[1..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + scores[1..].iter().map(|s| (s - max).exp()).sum::<f32>().ln();
+    scores.iter_mut().for_each(|s| *s -= lse);
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dirs: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    if dirs.len() != 2 {
+        return Err("usage: ensemble_probe DIR_A DIR_B".into());
+    }
+    let assets = PathBuf::from(std::env::var("ASSETS").unwrap_or_else(|_| "assets".into()));
+    let dataset = Dataset::load(&DataConfig::default(), &assets)?;
+    let encoders = dirs
+        .iter()
+        .map(|d| Checkpoint::load(d).and_then(|c| Encoder::new(&c.config, &c.tensors)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cases = split_cases(&dataset, Split::Validation);
+    let scores: Vec<[Vec<f32>; 2]> = cases
+        .iter()
+        .map(|case| {
+            let one = |e: &Encoder| {
+                let window = &case.history[case.history.len().saturating_sub(e.config().max_len)..];
+                let mut s = e.all_scores(&e.encode(window).expect("encodable history"));
+                log_softmax(&mut s);
+                s
+            };
+            [one(&encoders[0]), one(&encoders[1])]
+        })
+        .collect();
+    println!("{:>5} {:>7} {:>7} {:>7} {:>7} {:>7}", "w_A", "R@10", "N@10", "R@20", "R@50", "R@100");
+    for step in 0..=10 {
+        let w = step as f32 / 10.0;
+        let mut acc = MetricAccumulator::new(&RETRIEVER_KS);
+        for (case, [a, b]) in cases.iter().zip(&scores) {
+            let mixed: Vec<f32> = a.iter().zip(b).map(|(x, y)| w * x + (1.0 - w) * y).collect();
+            acc.add(Some(rank_of_target(&mixed, case.target, case.history)));
+        }
+        let r = acc.report();
+        println!(
+            "{w:>5.1} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}",
+            r.get(10).recall,
+            r.get(10).ndcg,
+            r.get(20).recall,
+            r.get(50).recall,
+            r.get(100).recall
+        );
+    }
+    Ok(())
+}
