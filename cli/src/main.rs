@@ -1,6 +1,7 @@
 //! `llamarec`: the command-line front end of the serving cluster.
 
 mod commands;
+mod loadgen;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

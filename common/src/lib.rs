@@ -1,11 +1,13 @@
 //! Code that more than one llamarec crate needs: data sets and their preprocessing, ranking
-//! metrics, the layered configuration, asset fetching and telemetry set-up.
+//! metrics (Recall/NDCG/MRR, not Prometheus), the layered configuration, the server plumbing,
+//! the request id, asset fetching and telemetry set-up.
 
 pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod data;
-pub mod metrics;
+pub mod ranking_metrics;
 pub mod request_id;
 pub mod serving;
 pub mod telemetry;
+

@@ -201,9 +201,9 @@ pub struct GatewayConfig {
     pub reserve_fraction: f64,
     /// Below this much remaining time the ranker is not even called (degraded, timeout).
     pub min_rank_budget_ms: u64,
-    /// History cache: most users kept.
+    /// User-history cache: most users kept.
     pub cache_entries: usize,
-    /// History cache: how long an entry is trusted (other replicas may have appended).
+    /// User-history cache: how long an entry is trusted (other replicas may have appended).
     pub cache_ttl_ms: u64,
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
     /// long to finish before the process exits anyway (keep Kubernetes'

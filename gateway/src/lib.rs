@@ -9,7 +9,6 @@ pub mod error;
 pub mod history;
 pub mod merge;
 pub mod ranker_client;
-pub mod replay;
 pub mod retriever_client;
 pub mod server;
 pub mod service;

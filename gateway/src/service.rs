@@ -8,7 +8,7 @@ use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
 use crate::deadline::{parse_grpc_timeout, Deadline};
 use crate::error::GatewayError;
-use crate::history::{CachedHistory, HistoryCache, HistoryStore, StoredEvent};
+use crate::history::{CachedHistory, HistoryStore, StoredEvent, UserHistoryCache};
 use crate::merge::{merge, Merged};
 use crate::ranker_client::Ranker;
 use crate::retriever_client::Retriever;
@@ -31,7 +31,7 @@ use tracing::instrument;
 pub struct GatewayService<S> {
     config: Arc<GatewayConfig>,
     catalog: Arc<Catalog>,
-    histories: Arc<HistoryCache<S>>,
+    histories: Arc<UserHistoryCache<S>>,
     retriever: Retriever,
     ranker: Arc<Ranker>,
     in_flight: Arc<Semaphore>,
@@ -42,7 +42,7 @@ pub struct GatewayService<S> {
 
 impl<S: HistoryStore> GatewayService<S> {
     /// Wires the service.
-    pub fn new(config: Arc<GatewayConfig>, catalog: Arc<Catalog>, histories: Arc<HistoryCache<S>>, retriever: Retriever, ranker: Arc<Ranker>) -> Self {
+    pub fn new(config: Arc<GatewayConfig>, catalog: Arc<Catalog>, histories: Arc<UserHistoryCache<S>>, retriever: Retriever, ranker: Arc<Ranker>) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         Self { config, catalog, histories, retriever, ranker, in_flight, traffic: None, shadow: None, stages: StageMetrics::register() }
     }

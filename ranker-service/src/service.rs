@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llamarec_common::request_id::request_id_of;
 use llamarec_proto::v1::ranker_server::{self, RankerServer};
 use llamarec_proto::v1::{
     CandidateScore, InfoRequest, ModelVersion, RankRequest, RankResponse, RankerInfo,
@@ -19,9 +20,6 @@ use crate::error::RankerError;
 use crate::metrics as m;
 use crate::queue::{Completed, Queue, QueueError};
 use crate::ranker::Ranker;
-
-/// Metadata key of the caller's request id (set by the gateway).
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// How long after a model failure the service re-checks the model with a real request.
 const RECHECK_AFTER: Duration = Duration::from_secs(2);
@@ -280,15 +278,6 @@ pub async fn warm_up(ranker: &Arc<Ranker>, queue: &RankQueue) -> Result<(), Serv
         )));
     }
     Ok(())
-}
-
-fn request_id_of<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[tonic::async_trait]

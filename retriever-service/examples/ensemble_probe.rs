@@ -9,7 +9,7 @@
 //! as the models alone).
 
 use llamarec_common::data::{DataConfig, Dataset, Split};
-use llamarec_common::metrics::{rank_of_target, MetricAccumulator};
+use llamarec_common::ranking_metrics::{rank_of_target, MetricAccumulator};
 use retriever_service::checkpoint::Checkpoint;
 use retriever_service::evaluate::{split_cases, RETRIEVER_KS};
 use retriever_service::Encoder;

@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "best epoch {} of {}, {:.0}s to best ({:.0}s total)",
         report.best_epoch, report.epochs, report.time_to_best_s, report.wall_time_s
     );
-    print!("{}", llamarec_common::metrics::format_table("validation", &report.validation));
-    print!("{}", llamarec_common::metrics::format_table("test", &report.test));
+    print!("{}", llamarec_common::ranking_metrics::format_table("validation", &report.validation));
+    print!("{}", llamarec_common::ranking_metrics::format_table("test", &report.test));
     Ok(())
 }

@@ -4,7 +4,7 @@
 use crate::encoder::Encoder;
 use crate::error::Result;
 use llamarec_common::data::{Dataset, Split};
-use llamarec_common::metrics::{rank_of_target, MetricAccumulator, MetricReport};
+use llamarec_common::ranking_metrics::{rank_of_target, MetricAccumulator, MetricReport};
 
 /// One user's evaluation input.
 #[derive(Debug, Clone, Copy)]

@@ -3,6 +3,7 @@
 
 use crate::retriever::{CandidateSource, Retriever};
 use crate::service_config::RetrieverServiceConfig;
+use llamarec_common::request_id::request_id_of;
 use llamarec_proto::v1::retriever_server;
 use llamarec_proto::v1::{
     retrieve_result, InfoRequest, ModelVersion, RetrieveBatchRequest, RetrieveBatchResponse, RetrieveError, RetrieveRequest, RetrieveResponse,
@@ -13,9 +14,6 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
-
-/// Metadata key of the caller's request id (set by the gateway).
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Everything a Retrieve call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -197,10 +195,6 @@ struct Started {
 enum Compute {
     Done(crate::error::Result<crate::retriever::Retrieval>, std::time::Duration),
     Blocking(tokio::task::JoinHandle<(crate::error::Result<crate::retriever::Retrieval>, std::time::Duration)>),
-}
-
-fn request_id_of<T>(request: &Request<T>) -> String {
-    request.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
 
 fn record(method: &'static str, start: Instant, status: Code) {

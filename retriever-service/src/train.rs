@@ -17,7 +17,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use llamarec_common::data::{Dataset, Split};
-use llamarec_common::metrics::MetricReport;
+use llamarec_common::ranking_metrics::MetricReport;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

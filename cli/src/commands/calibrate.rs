@@ -17,7 +17,7 @@ use gateway::merge::{log_softmax, merge, Ranked, Retrieved};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamarec_common::config::{AssetsConfig, ConfigLayers, SHIPPED_CONFIG};
 use llamarec_common::data::{DataConfig, Dataset, EvalExample, Split};
-use llamarec_common::metrics::{ndcg_at, TwoStageAccumulator};
+use llamarec_common::ranking_metrics::{ndcg_at, TwoStageAccumulator};
 use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::{Ranker, WeightPrecision};
 use retriever_service::Retriever;

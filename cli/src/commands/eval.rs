@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset, Split};
-use llamarec_common::metrics::{format_table, EvalReport, TwoStageAccumulator};
+use llamarec_common::ranking_metrics::{format_table, EvalReport, TwoStageAccumulator};
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{InlineHistory, RecommendOptions, RecommendRequest};
 use std::path::PathBuf;

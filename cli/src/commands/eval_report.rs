@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use llamarec_common::config::ConfigLayers;
 use llamarec_common::data::Split;
-use llamarec_common::metrics::{MetricReport, TwoStageAccumulator, TwoStageReport};
+use llamarec_common::ranking_metrics::{MetricReport, TwoStageAccumulator, TwoStageReport};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;

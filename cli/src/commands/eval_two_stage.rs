@@ -11,7 +11,7 @@ use gateway::merge::{log_softmax, merge, Ranked, Retrieved};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{Dataset, Split};
-use llamarec_common::metrics::{EvalReport, TwoStageAccumulator};
+use llamarec_common::ranking_metrics::{EvalReport, TwoStageAccumulator};
 use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::{LoadOptions, Ranker};
 use std::time::Instant;

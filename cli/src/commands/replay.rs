@@ -1,12 +1,14 @@
 //! `llamarec replay`: drives a gateway open-loop from a traffic file (captured by the gateway or
 //! written by `llamarec traffic synth`) and reports throughput, latency percentiles from each
 //! request's scheduled send time, errors by gRPC code and degraded answers by reason. The
-//! engine is `gateway::replay`.
+//! engine is [`crate::loadgen::replay`].
 
 use anyhow::Result;
 use gateway::config::GatewayConfig;
-use gateway::replay::{Arrivals, Progress, ReplayOptions, Report, Schedule};
-use gateway::traffic::read_traffic;
+use crate::loadgen::replay::{Progress, ReplayOptions};
+use crate::loadgen::report::Report;
+use crate::loadgen::schedule::{Arrivals, Schedule};
+use gateway::traffic::{read_traffic, TrafficRecord};
 use llamarec_common::config::ConfigLayers;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -91,7 +93,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayArgs) -> Result<()> {
 }
 
 /// Runs the replay with a progress line on stderr (hidden when stderr is not a terminal).
-pub async fn run_with_progress(traffic: &[gateway::traffic::TrafficRecord], options: &ReplayOptions, progress: Arc<Progress>) -> Result<Report> {
+pub async fn run_with_progress(traffic: &[TrafficRecord], options: &ReplayOptions, progress: Arc<Progress>) -> Result<Report> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} due · {msg}")?.progress_chars("=> "));
     let ticker = {
@@ -111,7 +113,7 @@ pub async fn run_with_progress(traffic: &[gateway::traffic::TrafficRecord], opti
             }
         })
     };
-    let result = gateway::replay::run(traffic, options, progress).await;
+    let result = crate::loadgen::replay::run(traffic, options, progress).await;
     ticker.abort();
     bar.finish_and_clear();
     result

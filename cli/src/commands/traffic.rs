@@ -2,7 +2,8 @@
 //! data set's users, with Poisson arrivals, for `llamarec replay`.
 
 use anyhow::{Context, Result};
-use gateway::traffic::{synth, write_traffic};
+use crate::loadgen::synth::synth;
+use gateway::traffic::write_traffic;
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset};
 use std::io::Write;

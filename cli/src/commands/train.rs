@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset};
-use llamarec_common::metrics::format_table;
+use llamarec_common::ranking_metrics::format_table;
 use retriever_service::service_config::RetrieverServiceConfig;
 use std::path::PathBuf;
 

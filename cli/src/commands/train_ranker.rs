@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset, Split};
-use llamarec_common::metrics::format_table;
+use llamarec_common::ranking_metrics::format_table;
 use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::train::{self, Event, LossKind, NegativeKind, RankerTrainConfig, Rng, TrainInputs, ValidationCase};
 use ranker_service::{LoadOptions, Ranker, WeightPrecision};

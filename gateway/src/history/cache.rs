@@ -1,4 +1,6 @@
-//! A bounded, expiring cache of histories in front of a [`HistoryStore`].
+//! A bounded, expiring cache of users' histories in front of a [`HistoryStore`] (not to be
+//! confused with the ranker's `history_cache`, which holds attention state for a history's
+//! prompt tokens).
 //!
 //! Entries expire after a TTL because other gateway replicas may append to the same user
 //! through a shared store; this replica's own appends invalidate its entry at once.
@@ -32,7 +34,7 @@ type Resolver = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 const EVICTION_SAMPLE: usize = 8;
 
 /// Histories cached per user.
-pub struct HistoryCache<S> {
+pub struct UserHistoryCache<S> {
     store: S,
     entries: DashMap<String, Entry>,
     capacity: usize,
@@ -49,7 +51,7 @@ pub enum Source {
     Store,
 }
 
-impl<S: HistoryStore> HistoryCache<S> {
+impl<S: HistoryStore> UserHistoryCache<S> {
     /// Wraps `store` with at most `capacity` users cached for `ttl` each.
     pub fn new(store: S, capacity: usize, ttl: Duration) -> Self {
         Self { store, entries: DashMap::new(), capacity: capacity.max(1), ttl, resolve: None }
@@ -170,7 +172,7 @@ mod tests {
     #[tokio::test]
     async fn caches_reads_and_invalidates_on_append() {
         let store = Arc::new(Counting::default());
-        let cache = HistoryCache::new(store.clone(), 10, Duration::from_secs(60));
+        let cache = UserHistoryCache::new(store.clone(), 10, Duration::from_secs(60));
         cache.append("u", &[ev("a")]).await.unwrap();
         assert_eq!(cache.read("u").await.unwrap().1, Source::Store);
         assert_eq!(cache.read("u").await.unwrap().1, Source::Cache);
@@ -184,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn indices_are_resolved_once_at_load_and_absent_when_an_item_is_unknown() {
         let store = Arc::new(Counting::default());
-        let cache = HistoryCache::new(store.clone(), 10, Duration::from_secs(60)).with_resolver(|id| id.parse().ok());
+        let cache = UserHistoryCache::new(store.clone(), 10, Duration::from_secs(60)).with_resolver(|id| id.parse().ok());
         cache.append("u", &[ev("7"), ev("3")]).await.unwrap();
         assert_eq!(cache.read("u").await.unwrap().0.indices, Some(vec![7, 3]));
         cache.append("u", &[ev("not-in-catalog")]).await.unwrap();
@@ -194,7 +196,7 @@ mod tests {
     #[tokio::test]
     async fn expired_entries_are_reloaded() {
         let store = Arc::new(Counting::default());
-        let cache = HistoryCache::new(store.clone(), 10, Duration::from_millis(0));
+        let cache = UserHistoryCache::new(store.clone(), 10, Duration::from_millis(0));
         cache.read("u").await.unwrap();
         cache.read("u").await.unwrap();
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);
@@ -203,7 +205,7 @@ mod tests {
     #[tokio::test]
     async fn capacity_is_bounded() {
         let store = Arc::new(Counting::default());
-        let cache = HistoryCache::new(store, 3, Duration::from_secs(60));
+        let cache = UserHistoryCache::new(store, 3, Duration::from_secs(60));
         for u in 0..20 {
             cache.read(&format!("u{u}")).await.unwrap();
         }
@@ -213,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn store_down_serves_stale_reads_and_refuses_writes() {
         let store = Arc::new(Counting::default());
-        let cache = HistoryCache::new(store.clone(), 10, Duration::from_millis(0));
+        let cache = UserHistoryCache::new(store.clone(), 10, Duration::from_millis(0));
         cache.append("u", &[ev("a")]).await.unwrap();
         cache.read("u").await.unwrap();
         store.down.store(true, Ordering::SeqCst);

@@ -1,10 +1,10 @@
-//! User histories: a [`HistoryStore`] (embedded redb or Redis) behind a [`HistoryCache`].
+//! User histories: a [`HistoryStore`] (embedded redb or Redis) behind a [`UserHistoryCache`].
 
 mod cache;
 mod embedded;
 mod redis_store;
 
-pub use cache::{CachedHistory, HistoryCache};
+pub use cache::{CachedHistory, UserHistoryCache};
 pub use embedded::EmbeddedStore;
 pub use redis_store::RedisStore;
 

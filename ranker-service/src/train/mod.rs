@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use llamarec_common::metrics::{MetricReport, TwoStageAccumulator};
+use llamarec_common::ranking_metrics::{MetricReport, TwoStageAccumulator};
 use serde::{Deserialize, Serialize};
 
 use crate::llama::{Kernels, Llama, Positions, TokenBatch};

@@ -2,7 +2,6 @@
 //! threads, memory, load, CPU model and SIMD features, the date.
 
 use serde_json::{json, Value};
-use std::process::Command;
 
 /// The CPU features that decide which kernels run (named beside every recorded figure).
 const SIMD_FLAGS: [&str; 7] = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"];
@@ -107,12 +106,22 @@ pub(crate) fn machine() -> Value {
     })
 }
 
+/// Now, in UTC, as `2026-12-03T15:06:08Z`.
 pub(crate) fn now_utc() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    utc(time::OffsetDateTime::now_utc())
+}
+
+fn utc(t: time::OffsetDateTime) -> String {
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_is_rfc3339_in_whole_seconds() {
+        let t = time::OffsetDateTime::from_unix_timestamp(1_796_310_368).unwrap();
+        assert_eq!(super::utc(t), "2026-12-03T15:06:08Z");
+        assert_eq!(super::utc(time::OffsetDateTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(super::now_utc().len(), 20);
+    }
 }

@@ -8,8 +8,10 @@ use super::write_json;
 use crate::commands::traffic::dataset_users;
 use anyhow::{bail, Result};
 use gateway::config::GatewayConfig;
-use gateway::replay::{Progress, ReplayOptions, Report, Schedule};
-use gateway::traffic::synth;
+use crate::loadgen::replay::{Progress, ReplayOptions};
+use crate::loadgen::report::Report;
+use crate::loadgen::schedule::Schedule;
+use crate::loadgen::synth::synth;
 use llamarec_common::config::ConfigLayers;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -187,7 +189,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayBenchArgs) -> Result<()> {
         max_outstanding: args.max_outstanding,
         deadline: args.deadline_ms.map(Duration::from_millis),
     };
-    let w = gateway::replay::run(&warm, &warm_options, Arc::new(Progress::default())).await?;
+    let w = crate::loadgen::replay::run(&warm, &warm_options, Arc::new(Progress::default())).await?;
     if w.errors > 0 {
         bail!("warm-up had {} errors ({:?}): is the cluster up?", w.errors, w.errors_by_code);
     }
