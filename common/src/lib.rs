@@ -5,6 +5,7 @@ pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod data;
+pub mod fusion;
 pub mod metrics;
 pub mod serving;
 pub mod telemetry;
