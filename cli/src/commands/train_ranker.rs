@@ -162,7 +162,11 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
                 eprintln!("example {done}/{} · step {step} · loss (last 50) {recent_loss:.3} · {examples_per_s:.3} ex/s · {:.0} s", bar.length().unwrap_or(0), bar.elapsed().as_secs_f64());
             }
         }
-        Event::Evaluation { eval, best } => say(format!(
+        Event::Evaluation { eval, best, all } => {
+            if let Err(e) = super::learning_curve::write(&args.out, all) {
+                say(format!("could not write the learning curve: {e:#}"));
+            }
+            say(format!(
             "step {:>4} ({} examples): validation NDCG@10 {:.4} (valid subset {:.4}, {} LLM calls, {:.0} s){}; fused with the retriever ({retriever_ndcg10:.4} alone): {}{}",
             eval.step,
             eval.examples,
@@ -173,7 +177,8 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
             eval.train_loss.map(|l| format!(", train loss {l:.4}")).unwrap_or_default(),
             eval.fused.iter().map(|f| format!("w {} {:.4}", f.weight, f.all_users.get(10).ndcg)).collect::<Vec<_>>().join(", "),
             if best { " *best, saved" } else { "" }
-        )),
+            ))
+        }
         Event::Checkpoint { .. } => {}
     })?;
     bar.finish();

@@ -257,8 +257,9 @@ pub struct Evaluation {
     pub seconds: f64,
 }
 
-/// Fusion weights at which every validation also scores the gateway's fused order.
-pub const FUSION_WEIGHTS: [f32; 4] = [0.25, 0.5, 0.75, 0.9];
+/// Fusion weights at which every validation also scores the gateway's fused order (0 = the
+/// retriever's own order, the baseline every adapter has to beat).
+pub const FUSION_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 0.9];
 
 /// The fused order's metrics at one weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -346,8 +347,13 @@ pub enum Event<'a> {
         recent_loss: f64,
         examples_per_s: f64,
     },
-    /// A validation finished; `best` says whether its adapter was saved as the best.
-    Evaluation { eval: &'a Evaluation, best: bool },
+    /// A validation finished; `best` says whether its adapter was saved as the best; `all` is
+    /// every validation of the run so far, this one last (the learning curve).
+    Evaluation {
+        eval: &'a Evaluation,
+        best: bool,
+        all: &'a [Evaluation],
+    },
     /// A resumable checkpoint was written.
     Checkpoint { step: u64 },
 }
@@ -798,6 +804,7 @@ pub fn train(
         on_event(Event::Evaluation {
             eval: st.evaluations.last().expect("just pushed"),
             best,
+            all: &st.evaluations,
         });
         Ok(())
     };
