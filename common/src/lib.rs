@@ -6,6 +6,7 @@ pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod data;
+pub mod fusion;
 pub mod ranking_metrics;
 pub mod request_id;
 pub mod serving;

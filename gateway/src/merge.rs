@@ -1,4 +1,4 @@
-//! Merging the two stages into the final list.
+//! Merging the two stages into the final list (the fusion rule itself: `llamarec_common::fusion`).
 //!
 //! The ranker re-orders the first N retrieved items. Each ranked item gets a fused score
 //! `(1 - w) * retriever_log_prob + w * ranker_log_prob`, where both are log-softmax values over
@@ -42,13 +42,8 @@ pub struct Merged {
     pub ranked: Option<Ranked>,
 }
 
-/// Log-softmax of `xs` (numerically stable).
-pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = xs.iter().map(|x| (x - max).exp()).sum();
-    let log_sum = max + sum.ln();
-    xs.iter().map(|x| x - log_sum).collect()
-}
+pub use llamarec_common::fusion::log_softmax;
+use llamarec_common::fusion::fused_score;
 
 /// Merges the retriever's list with the ranker's scores of its first `ranked.len()` items and
 /// returns the best `k`. With `ranked` empty this is the retriever's order.
@@ -63,7 +58,7 @@ pub fn merge(retrieved: &[Retrieved], ranked: &[Ranked], ranker_weight: f32, k: 
         .map(|(i, ((r, s), r_lp))| Merged {
             item_id: r.item_id.clone(),
             title: r.title.clone(),
-            final_score: (1.0 - ranker_weight) * r_lp + ranker_weight * s.log_prob,
+            final_score: fused_score(ranker_weight, r_lp, s.log_prob),
             retriever_score: r.score,
             retriever_rank: i as u32 + 1,
             ranked: Some(*s),
@@ -143,13 +138,5 @@ mod tests {
         let m = merge(&r, &[], 1.0, 2);
         assert_eq!(ids(&m), ["i0", "i1"]);
         assert!(m.iter().all(|x| x.ranked.is_none()));
-    }
-
-    #[test]
-    fn log_softmax_is_normalised() {
-        let lp = log_softmax(&[1.0, 2.0, 3.0]);
-        let total: f32 = lp.iter().map(|x| x.exp()).sum();
-        assert!((total - 1.0).abs() < 1e-6);
-        assert!(lp[2] > lp[1] && lp[1] > lp[0]);
     }
 }

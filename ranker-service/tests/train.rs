@@ -192,6 +192,7 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
         .map(|u| ValidationCase {
             history: seqs[u][..10].to_vec(),
             candidates: (1..=20).map(|c| ((c + u as u32 * 9) % 60) + 1).collect(),
+            retriever_scores: (0..20).map(|c| -(c as f32) * 0.3).collect(),
             target: seqs[u][10],
         })
         .collect();
@@ -247,6 +248,16 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
     );
     assert_eq!(evals, 3);
     assert!(report.evaluations.iter().all(|e| e.all_users.users == 4));
+    // Every validation also scores the gateway's fused order at each weight; users whose target
+    // is not a candidate stay misses there too.
+    for e in &report.evaluations {
+        let weights: Vec<f32> = e.fused.iter().map(|f| f.weight).collect();
+        assert_eq!(weights, ranker_service::train::FUSION_WEIGHTS);
+        for f in &e.fused {
+            assert_eq!(f.all_users.users, 4);
+            assert_eq!(f.all_users.get(20).recall, e.all_users.get(20).recall);
+        }
+    }
     let valid = validation
         .iter()
         .filter(|c| c.candidates.contains(&c.target))

@@ -9,6 +9,7 @@ pub mod eval_retriever;
 pub mod eval_two_stage;
 pub mod fetch;
 pub mod json;
+pub mod learning_curve;
 pub mod rank;
 pub mod recommend;
 pub mod replay;

@@ -86,7 +86,12 @@ pub fn validation_cases(dataset: &Dataset, retriever: &Retriever, split: Split, 
         .map(|i| {
             let ex = examples[i];
             let r = retriever.retrieve(ex.history, k, true)?;
-            Ok(ValidationCase { history: ex.history.to_vec(), candidates: r.candidates.iter().map(|c| c.item).collect(), target: ex.target })
+            Ok(ValidationCase {
+                history: ex.history.to_vec(),
+                candidates: r.candidates.iter().map(|c| c.item).collect(),
+                retriever_scores: r.candidates.iter().map(|c| c.score).collect(),
+                target: ex.target,
+            })
         })
         .collect()
 }
@@ -121,8 +126,10 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
     }
     let validation = validation_cases(&dataset, &retriever, Split::Validation, recipe.val_users, recipe.val_candidates, recipe.seed)?;
     let valid = validation.iter().filter(|c| c.candidates.contains(&c.target)).count();
+    // The baseline every validation line compares against: the retriever's own order.
+    let retriever_ndcg10 = train::retriever_order(&validation).get(10).ndcg;
     eprintln!(
-        "training LoRA r {} alpha {} on {:?} of {} with {} negatives, {:?} loss; validation: {} users ({} with the target among the top {}) -> {}",
+        "training LoRA r {} alpha {} on {:?} of {} with {} negatives, {:?} loss; validation: {} users ({} with the target among the top {}, retriever NDCG@10 {retriever_ndcg10:.4}) -> {}",
         recipe.r, recipe.alpha, recipe.targets, section.model.display(), serde_json::to_string(&recipe.negatives)?, recipe.loss, validation.len(), valid, recipe.val_candidates, args.out.display()
     );
     let titles: Vec<String> = dataset.items.iter().map(|i| i.title.clone()).collect();
@@ -155,8 +162,12 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
                 eprintln!("example {done}/{} · step {step} · loss (last 50) {recent_loss:.3} · {examples_per_s:.3} ex/s · {:.0} s", bar.length().unwrap_or(0), bar.elapsed().as_secs_f64());
             }
         }
-        Event::Evaluation { eval, best } => say(format!(
-            "step {:>4} ({} examples): validation NDCG@10 {:.4} (valid subset {:.4}, {} LLM calls, {:.0} s){}{}",
+        Event::Evaluation { eval, best, all } => {
+            if let Err(e) = super::learning_curve::write(&args.out, all) {
+                say(format!("could not write the learning curve: {e:#}"));
+            }
+            say(format!(
+            "step {:>4} ({} examples): validation NDCG@10 {:.4} (valid subset {:.4}, {} LLM calls, {:.0} s){}; fused with the retriever ({retriever_ndcg10:.4} alone): {}{}",
             eval.step,
             eval.examples,
             eval.all_users.get(10).ndcg,
@@ -164,8 +175,10 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
             eval.llm_calls,
             eval.seconds,
             eval.train_loss.map(|l| format!(", train loss {l:.4}")).unwrap_or_default(),
+            eval.fused.iter().map(|f| format!("w {} {:.4}", f.weight, f.all_users.get(10).ndcg)).collect::<Vec<_>>().join(", "),
             if best { " *best, saved" } else { "" }
-        )),
+            ))
+        }
         Event::Checkpoint { .. } => {}
     })?;
     bar.finish();

@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
+use llamarec_common::fusion::fused_rank;
 use llamarec_common::ranking_metrics::{MetricReport, TwoStageAccumulator};
 use serde::{Deserialize, Serialize};
 
@@ -203,12 +204,14 @@ impl RankerTrainConfig {
 }
 
 /// A validation user: the history, the retriever's top N (best first) and the held-out item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidationCase {
     /// Dense item ids, oldest first.
     pub history: Vec<u32>,
     /// The retriever's candidates, best first.
     pub candidates: Vec<u32>,
+    /// The retriever's raw score of each candidate (what the gateway fuses with the LLM's).
+    pub retriever_scores: Vec<f32>,
     /// The held-out item.
     pub target: u32,
 }
@@ -245,8 +248,36 @@ pub struct Evaluation {
     pub valid_subset: MetricReport,
     /// LLM calls made (= valid-subset users).
     pub llm_calls: usize,
+    /// The gateway's fused order (`llamarec_common::fusion`) at each of [`FUSION_WEIGHTS`], all
+    /// sampled users: what serving would gain from this adapter. Empty in evaluations written
+    /// before it was recorded.
+    #[serde(default)]
+    pub fused: Vec<FusedValidation>,
     /// Seconds the evaluation took.
     pub seconds: f64,
+}
+
+/// Fusion weights at which every validation also scores the gateway's fused order (0 = the
+/// retriever's own order, the baseline every adapter has to beat).
+pub const FUSION_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 0.9];
+
+/// The fused order's metrics at one weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FusedValidation {
+    /// `[gateway] ranker_weight`.
+    pub weight: f32,
+    /// All sampled users.
+    pub all_users: MetricReport,
+}
+
+/// What one validation pass measured.
+pub struct ValidationOutcome {
+    /// The LLM's order alone (ties count against the target).
+    pub llm: TwoStageAccumulator,
+    /// The fused order at each of [`FUSION_WEIGHTS`].
+    pub fused: Vec<TwoStageAccumulator>,
+    /// LLM calls made.
+    pub llm_calls: usize,
 }
 
 /// Written next to the adapter as `training_report.json`.
@@ -316,8 +347,13 @@ pub enum Event<'a> {
         recent_loss: f64,
         examples_per_s: f64,
     },
-    /// A validation finished; `best` says whether its adapter was saved as the best.
-    Evaluation { eval: &'a Evaluation, best: bool },
+    /// A validation finished; `best` says whether its adapter was saved as the best; `all` is
+    /// every validation of the run so far, this one last (the learning curve).
+    Evaluation {
+        eval: &'a Evaluation,
+        best: bool,
+        all: &'a [Evaluation],
+    },
     /// A resumable checkpoint was written.
     Checkpoint { step: u64 },
 }
@@ -512,15 +548,16 @@ fn titles_of<'a>(
     (h, c)
 }
 
-/// Validation: the LLM (base + `adapter` merged) orders each case's candidates; cases whose
-/// target is not a candidate are misses without running it.
+/// Validation: the LLM (base + `adapter` merged) orders each case's candidates, alone and fused
+/// with the retriever's scores as the gateway would; cases whose target is not a candidate are
+/// misses without running it.
 pub fn evaluate(
     base: &Llama,
     renderer: &PromptRenderer,
     adapter: Option<&LoraAdapter>,
     titles: &[String],
     cases: &[ValidationCase],
-) -> Result<(TwoStageAccumulator, usize)> {
+) -> Result<ValidationOutcome> {
     let mut model = base.clone();
     model.set_kernels(if model.device().is_cpu() {
         Kernels::Fused
@@ -532,16 +569,20 @@ pub fn evaluate(
     }
     let ranker = Ranker::new(model, renderer.clone())?;
     let max_history = renderer.template().max_history;
-    let mut acc = TwoStageAccumulator::default();
-    let mut calls = 0;
+    let mut out = ValidationOutcome {
+        llm: TwoStageAccumulator::default(),
+        fused: vec![TwoStageAccumulator::default(); FUSION_WEIGHTS.len()],
+        llm_calls: 0,
+    };
     for case in cases {
         let Some(t) = case.candidates.iter().position(|&c| c == case.target) else {
-            acc.add(None);
+            out.llm.add(None);
+            out.fused.iter_mut().for_each(|a| a.add(None));
             continue;
         };
         let (h, c) = titles_of(titles, &case.history, &case.candidates, max_history);
         let scores = ranker.score(&h, &c)?;
-        calls += 1;
+        out.llm_calls += 1;
         let target_score = scores.logits[t];
         // Ties count against the target, as everywhere in the metrics.
         let rank = 1 + scores
@@ -550,9 +591,19 @@ pub fn evaluate(
             .enumerate()
             .filter(|&(i, &s)| i != t && (s >= target_score || s.is_nan()))
             .count();
-        acc.add(Some(rank));
+        out.llm.add(Some(rank));
+        if case.retriever_scores.len() != case.candidates.len() {
+            bail!(
+                "validation case has {} retriever scores for {} candidates",
+                case.retriever_scores.len(),
+                case.candidates.len()
+            );
+        }
+        for (acc, &w) in out.fused.iter_mut().zip(&FUSION_WEIGHTS) {
+            acc.add(Some(fused_rank(&case.retriever_scores, &scores.logits, w, t)));
+        }
     }
-    Ok((acc, calls))
+    Ok(out)
 }
 
 /// The retriever's own order on the validation cases.
@@ -714,14 +765,14 @@ pub fn train(
      -> Result<()> {
         let t = Instant::now();
         let snapshot = lora.snapshot(&model)?;
-        let (acc, llm_calls) = evaluate(
+        let outcome = evaluate(
             base,
             renderer,
             Some(&snapshot),
             inputs.titles,
             inputs.validation,
         )?;
-        let r = acc.report();
+        let r = outcome.llm.report();
         let train_loss = (!st.losses_since_eval.is_empty())
             .then(|| st.losses_since_eval.iter().sum::<f64>() / st.losses_since_eval.len() as f64);
         st.losses_since_eval.clear();
@@ -731,7 +782,15 @@ pub fn train(
             train_loss,
             all_users: r.all_users,
             valid_subset: r.valid_subset,
-            llm_calls,
+            llm_calls: outcome.llm_calls,
+            fused: FUSION_WEIGHTS
+                .iter()
+                .zip(&outcome.fused)
+                .map(|(&weight, acc)| FusedValidation {
+                    weight,
+                    all_users: acc.report().all_users,
+                })
+                .collect(),
             seconds: t.elapsed().as_secs_f64(),
         };
         let ndcg = eval.all_users.get(10).ndcg;
@@ -745,6 +804,7 @@ pub fn train(
         on_event(Event::Evaluation {
             eval: st.evaluations.last().expect("just pushed"),
             best,
+            all: &st.evaluations,
         });
         Ok(())
     };

@@ -6,12 +6,14 @@
 # checkpoint_every_steps (5 steps = 40 examples) are redone. Progress goes to ./train.log.
 #
 #   nice -n 10 ranker-service/training/ml-100k/run.sh &    # from the repository root
+#
+# LLAMAREC=path/to/llamarec runs another build of the CLI (default ./target/release/llamarec).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=ranker-service/training/ml-100k
 fresh=()
 [[ "${FRESH:-0}" == 1 ]] && fresh=(--fresh)
-exec ./target/release/llamarec train ranker --out "$out" "${fresh[@]}" \
+exec "${LLAMAREC:-./target/release/llamarec}" train ranker --out "$out" "${fresh[@]}" \
   --max-examples 0 --max-minutes 0 \
   --lr 0.0002 --warmup-steps 25 --grad-accum 8 \
   --eval-every 50 --val-users 200 --negatives retriever --loss answer_token \

@@ -514,7 +514,7 @@ fn log_label(y: &f64) -> String {
 }
 
 /// Registers DejaVu Sans as "sans-serif" for plot text; false when no font file is found.
-pub(super) fn register_font() -> bool {
+pub(crate) fn register_font() -> bool {
     const CANDIDATES: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
     let Some(bytes) = CANDIDATES.iter().find_map(|p| std::fs::read(p).ok()) else {
         eprintln!("no DejaVuSans.ttf (Debian: apt-get install fonts-dejavu-core): drawing the plot without text");
