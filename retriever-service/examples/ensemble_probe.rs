@@ -11,7 +11,7 @@
 use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_common::ranking_metrics::{rank_of_target, MetricAccumulator};
 use retriever_service::checkpoint::Checkpoint;
-use retriever_service::evaluate::{split_cases, RETRIEVER_KS};
+use retriever_service::train::evaluate::{split_cases, RETRIEVER_KS};
 use retriever_service::Encoder;
 use std::path::PathBuf;
 

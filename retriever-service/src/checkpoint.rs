@@ -69,7 +69,15 @@ impl Checkpoint {
                 reason: format!("{} entries, but config.json says {} items plus padding", items.len(), config.num_items),
             });
         }
-        let tensors = crate::params::load_tensors(&dir.join(MODEL_FILE), &Device::Cpu)?;
+        let tensors = load_tensors(&dir.join(MODEL_FILE), &Device::Cpu)?;
         Ok(Self { config, catalog: Catalog::new(items), tensors })
     }
+}
+
+/// Reads all tensors of a safetensors file.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(RetrieverError::Checkpoint { path: path.to_path_buf(), reason: "file not found".into() });
+    }
+    Ok(candle_core::safetensors::load(path, device)?)
 }

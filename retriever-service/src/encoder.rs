@@ -302,7 +302,7 @@ impl Encoder {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::LruRec;
+    use crate::train::model::LruRec;
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 

@@ -3,9 +3,11 @@
 //! ([`config::ModelKind`]): LRURec (the paper's, linear recurrent units) and SASRec (causal
 //! self-attention).
 //!
-//! - Training (candle, CPU): [`model::LruRec`] runs the recurrence as a log-depth parallel scan
-//!   ([`scan`]), [`sasrec::SasRec`] is the attention graph, [`sequence_model::SequenceModel`]
-//!   either one; [`train::train`] is the loop, writing a [`checkpoint`] directory.
+//! - Training (candle, CPU), all under [`train`]: [`train::model::LruRec`] runs the recurrence
+//!   as a log-depth parallel scan ([`train::scan`]), [`train::sasrec::SasRec`] is the attention
+//!   graph, [`train::sequence_model::SequenceModel`] either one; [`train::train`] is the loop,
+//!   writing a [`checkpoint`] directory that serving reads. Serving never calls into `train`
+//!   (only the `[retriever.train]` recipe type lives there, for the config section).
 //! - Serving (plain Rust over contiguous f32): [`encoder::Encoder`] runs the same recurrence step
 //!   by step into a per-user [`state::UserState`] (SASRec: re-encodes the window,
 //!   [`sasrec_encoder`]); [`topk`] scores the catalog in blocks with a
@@ -14,29 +16,15 @@
 //! - Serving over gRPC: [`service`] (the `llamarec.v1.Retriever` handlers), [`server`] (start-up,
 //!   health, drain), configured by the `[retriever]` section ([`service_config`]).
 
-pub mod batch;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
-pub mod dropout;
 pub mod encoder;
 pub mod error;
-pub mod evaluate;
-pub mod ffn;
-pub mod init;
 pub mod kernels;
-pub mod lru;
-pub mod model;
-pub mod norm;
-pub mod ops;
-pub mod optim;
-pub mod params;
 pub mod quantized;
 pub mod retriever;
-pub mod sasrec;
 pub mod sasrec_encoder;
-pub mod scan;
-pub mod sequence_model;
 pub mod server;
 pub mod service;
 pub mod service_config;

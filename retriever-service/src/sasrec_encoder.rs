@@ -127,7 +127,7 @@ impl SasEncoder {
 #[cfg(test)]
 mod tests {
     use crate::config::{LruRecConfig, ModelKind};
-    use crate::sasrec::SasRec;
+    use crate::train::sasrec::SasRec;
     use crate::state_cache::{Outcome, StateCache};
     use crate::Encoder;
     use candle_core::{Device, Tensor};

@@ -6,8 +6,8 @@
 use candle_core::{Device, Tensor};
 use llamarec_common::data::{DataConfig, Dataset, Split};
 use retriever_service::checkpoint::{read_json, Checkpoint, REPORT_FILE};
-use retriever_service::evaluate::{evaluate, split_cases};
-use retriever_service::sequence_model::SequenceModel;
+use retriever_service::train::evaluate::{evaluate, split_cases};
+use retriever_service::train::sequence_model::SequenceModel;
 use retriever_service::{Encoder, TrainReport};
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use llamarec_common::data::{Dataset, Item, UserHistory};
 use retriever_service::checkpoint::{Checkpoint, CONFIG_FILE, ITEMS_FILE, MODEL_FILE, REPORT_FILE};
-use retriever_service::sequence_model::SequenceModel;
+use retriever_service::train::sequence_model::SequenceModel;
 use retriever_service::{CandidateSource, Encoder, LruRecConfig, ModelKind, Retriever, RetrieverError, TrainConfig};
 use std::path::Path;
 
@@ -33,7 +33,7 @@ fn synthetic() -> Dataset {
 fn config(max_epochs: usize) -> TrainConfig {
     TrainConfig {
         model: LruRecConfig { embed_dim: 16, state_dim: 16, ffn_dim: 32, dropout: 0.1, max_len: 20, ..LruRecConfig::default() },
-        optimizer: retriever_service::optim::AdamWConfig { lr: 5e-3, ..Default::default() },
+        optimizer: retriever_service::train::optim::AdamWConfig { lr: 5e-3, ..Default::default() },
         max_epochs,
         patience: 100,
         progress: false,

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use llamarec_common::config::ConfigLayers;
 use llamarec_common::data::{Dataset, Split};
 use llamarec_common::ranking_metrics::{EvalReport, MetricAccumulator};
-use retriever_service::evaluate::{ranks, split_cases, RETRIEVER_KS};
+use retriever_service::train::evaluate::{ranks, split_cases, RETRIEVER_KS};
 use retriever_service::service_config::RetrieverServiceConfig;
 use retriever_service::Retriever;
 use std::time::Instant;

@@ -11,7 +11,7 @@ use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::RetrieveRequest;
 use retriever_service::checkpoint::{read_json, REPORT_FILE};
-use retriever_service::sequence_model::SequenceModel;
+use retriever_service::train::sequence_model::SequenceModel;
 use retriever_service::service_config::RetrieverServiceConfig;
 use retriever_service::{Catalog, CatalogItem, Encoder, LruRecConfig, Retriever, TrainReport};
 use serde_json::{json, Value};

@@ -2,10 +2,10 @@
 //! loop, batched evaluation and the checkpoint tests work with.
 
 use crate::config::{LruRecConfig, ModelKind};
-use crate::dropout::DropoutRng;
-use crate::model::LruRec;
-use crate::params::Param;
-use crate::sasrec::SasRec;
+use crate::train::dropout::DropoutRng;
+use crate::train::model::LruRec;
+use crate::train::params::Param;
+use crate::train::sasrec::SasRec;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,7 +38,7 @@ impl SequenceModel {
 
     /// Reads a model of `config.kind` from a safetensors file.
     pub fn load(config: &LruRecConfig, path: &Path, device: &Device) -> crate::Result<Self> {
-        Self::from_tensors(config, &crate::params::load_tensors(path, device)?, device)
+        Self::from_tensors(config, &crate::checkpoint::load_tensors(path, device)?, device)
     }
 
     /// Hyper-parameters.
@@ -76,7 +76,7 @@ impl SequenceModel {
 
     /// Writes the weights to a safetensors file.
     pub fn save(&self, path: &Path) -> crate::Result<()> {
-        crate::params::save(self.params(), path)
+        crate::train::params::save(self.params(), path)
     }
 
     /// Weights by name, for the serving encoder.

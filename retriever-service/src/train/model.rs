@@ -4,11 +4,11 @@
 //! scores = hidden · Eᵀ + bias with the output tied to the item embedding.
 
 use crate::config::LruRecConfig;
-use crate::dropout::{dropout, DropoutRng};
-use crate::ffn::FeedForward;
-use crate::lru::LruLayer;
-use crate::norm::LayerNorm;
-use crate::params::{Init, Param, ParamSource, ParamStore};
+use crate::train::dropout::{dropout, DropoutRng};
+use crate::train::ffn::FeedForward;
+use crate::train::lru::LruLayer;
+use crate::train::norm::LayerNorm;
+use crate::train::params::{Init, Param, ParamSource, ParamStore};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -56,7 +56,7 @@ impl LruRec {
 
     /// Reads a model from a safetensors file.
     pub fn load(config: &LruRecConfig, path: &Path, device: &Device) -> crate::Result<Self> {
-        Self::from_tensors(config, &crate::params::load_tensors(path, device)?, device)
+        Self::from_tensors(config, &crate::checkpoint::load_tensors(path, device)?, device)
     }
 
     fn build<R: rand::Rng>(config: &LruRecConfig, mut store: ParamStore<'_, R>) -> crate::Result<Self> {
@@ -80,7 +80,7 @@ impl LruRec {
 
     /// Writes the weights to a safetensors file.
     pub fn save(&self, path: &Path) -> crate::Result<()> {
-        crate::params::save(&self.params, path)
+        crate::train::params::save(&self.params, path)
     }
 
     /// Hidden states (batch, length, D) for left-padded item indices `tokens` (batch, length,

@@ -14,10 +14,10 @@
 //! histories poorly.)
 
 use crate::config::LruRecConfig;
-use crate::dropout::{dropout, DropoutRng};
-use crate::ffn::FeedForward;
-use crate::norm::LayerNorm;
-use crate::params::{Init, Param, ParamSource, ParamStore};
+use crate::train::dropout::{dropout, DropoutRng};
+use crate::train::ffn::FeedForward;
+use crate::train::norm::LayerNorm;
+use crate::train::params::{Init, Param, ParamSource, ParamStore};
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -79,7 +79,7 @@ impl SelfAttention {
         let q = split_heads((linear(&flat, &self.query.0, &self.query.1)? * (1.0 / (head_dim as f64).sqrt()))?)?;
         let k = split_heads(linear(&flat, &self.key.0, &self.key.1)?)?;
         let v = split_heads(linear(&flat, &self.value.0, &self.value.1)?)?;
-        let probs = crate::ops::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, first)?;
+        let probs = crate::train::ops::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, first)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch * len, d))?;
         let out = linear(&context, &self.output.0, &self.output.1)?.reshape((batch, len, d))?;
         self.norm.forward(&(dropout(&out, self.dropout, rng)? + x)?)
@@ -129,7 +129,7 @@ impl SasRec {
 
     /// Reads a model from a safetensors file.
     pub fn load(config: &LruRecConfig, path: &Path, device: &Device) -> crate::Result<Self> {
-        Self::from_tensors(config, &crate::params::load_tensors(path, device)?, device)
+        Self::from_tensors(config, &crate::checkpoint::load_tensors(path, device)?, device)
     }
 
     fn build<R: rand::Rng>(config: &LruRecConfig, mut store: ParamStore<'_, R>) -> crate::Result<Self> {

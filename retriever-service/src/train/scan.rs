@@ -192,7 +192,7 @@ mod tests {
     }
 
     fn ring_lambda(rng: &mut impl Rng, n: usize) -> Vec<f32> {
-        let [nu_log, theta_log, _] = crate::init::ring(rng, n, 0.8, 0.99);
+        let [nu_log, theta_log, _] = crate::train::init::ring(rng, n, 0.8, 0.99);
         let modulus: Vec<f64> = nu_log.iter().map(|&v| (-(v as f64).exp()).exp()).collect();
         let theta: Vec<f64> = theta_log.iter().map(|&v| (v as f64).exp()).collect();
         let re = modulus.iter().zip(&theta).map(|(m, t)| (m * t.cos()) as f32);

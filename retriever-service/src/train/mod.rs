@@ -1,19 +1,34 @@
 //! The training loop: AdamW on cross-entropy over all items at every position, validation
 //! Recall@10 after each epoch, early stopping, a resumable checkpoint directory and a report.
 
-use crate::batch::{length_grouped_batches, training_windows, Batch};
+pub mod batch;
+pub mod dropout;
+pub mod evaluate;
+pub mod ffn;
+pub mod init;
+pub mod lru;
+pub mod model;
+pub mod norm;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod sasrec;
+pub mod scan;
+pub mod sequence_model;
+
+use crate::train::batch::{length_grouped_batches, training_windows, Batch};
 use crate::catalog::CatalogItem;
 use crate::checkpoint::{
     read_json, write_json, CONFIG_FILE, ITEMS_FILE, LAST_MODEL_FILE, MODEL_FILE, OPTIMIZER_FILE, REPORT_FILE,
     TRAINER_STATE_FILE,
 };
 use crate::config::LruRecConfig;
-use crate::dropout::DropoutRng;
+use crate::train::dropout::DropoutRng;
 use crate::encoder::Encoder;
 use crate::error::{Result, RetrieverError};
-use crate::evaluate::{evaluate, split_cases};
-use crate::sequence_model::SequenceModel;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::train::evaluate::{evaluate, split_cases};
+use crate::train::sequence_model::SequenceModel;
+use crate::train::optim::{AdamW, AdamWConfig};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use llamarec_common::data::{Dataset, Split};
@@ -267,7 +282,7 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
             let batch = Batch::new(&batch_windows, config.model.max_len, config.first_item_target, &device)?;
             let hidden = model.forward(&batch.tokens, Some(&mut dropout_rng))?;
             let hidden = hidden.flatten_to(1)?.index_select(&batch.positions, 0)?;
-            let loss = crate::ops::cross_entropy(&model.scores(&hidden)?, &batch.targets)?;
+            let loss = crate::train::ops::cross_entropy(&model.scores(&hidden)?, &batch.targets)?;
             let grads = loss.backward()?;
             optimizer.step(model.params(), &grads, config.grad_clip)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * batch.num_targets as f64;

@@ -2,9 +2,9 @@
 //! LayerNorm(Dropout(W2 Dropout(GELU(W1 x))) + x).
 
 use crate::config::LruRecConfig;
-use crate::dropout::{dropout, DropoutRng};
-use crate::norm::LayerNorm;
-use crate::params::{Init, ParamStore};
+use crate::train::dropout::{dropout, DropoutRng};
+use crate::train::norm::LayerNorm;
+use crate::train::params::{Init, ParamStore};
 use candle_core::{Tensor, Var};
 
 /// Parameters of one feed-forward network.
@@ -42,7 +42,7 @@ impl FeedForward {
         let (batch, len, d) = x.dims3()?;
         let pre = x.reshape((batch * len, d))?.matmul(&self.w1.as_tensor().t()?)?.broadcast_add(self.b1.as_tensor())?;
         // The reference uses PyTorch's exact (erf) GELU; serving uses the same formula.
-        let inner = crate::ops::gelu_erf(&pre)?;
+        let inner = crate::train::ops::gelu_erf(&pre)?;
         let out = dropout(&inner, self.dropout, rng)?
             .matmul(&self.w2.as_tensor().t()?)?
             .broadcast_add(self.b2.as_tensor())?

@@ -11,10 +11,10 @@
 //!   code does.
 
 use crate::config::LruRecConfig;
-use crate::dropout::{dropout, DropoutRng};
-use crate::norm::LayerNorm;
-use crate::params::{Init, ParamStore};
-use crate::scan::parallel_scan;
+use crate::train::dropout::{dropout, DropoutRng};
+use crate::train::norm::LayerNorm;
+use crate::train::params::{Init, ParamStore};
+use crate::train::scan::parallel_scan;
 use candle_core::{Tensor, Var};
 
 /// Parameters of one LRU layer.

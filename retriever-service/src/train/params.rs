@@ -65,9 +65,9 @@ impl<'a, R: rand::Rng> ParamStore<'a, R> {
         let tensor = match &mut self.source {
             ParamSource::Init(rng) => {
                 let values = match init {
-                    Init::TruncatedNormal(std) => crate::init::truncated_normal(*rng, n, std),
+                    Init::TruncatedNormal(std) => crate::train::init::truncated_normal(*rng, n, std),
                     Init::Constant(c) => vec![c; n],
-                    Init::Ring { r_min, r_max } => crate::init::ring(*rng, n / 3, r_min, r_max).concat(),
+                    Init::Ring { r_min, r_max } => crate::train::init::ring(*rng, n / 3, r_min, r_max).concat(),
                 };
                 Tensor::from_vec(values, shape, &self.device)?
             }
@@ -101,12 +101,4 @@ pub fn save(params: &[Param], path: &Path) -> Result<()> {
     let map: HashMap<String, Tensor> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
     candle_core::safetensors::save(&map, path)?;
     Ok(())
-}
-
-/// Reads all tensors of a safetensors file.
-pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !path.is_file() {
-        return Err(RetrieverError::Checkpoint { path: path.to_path_buf(), reason: "file not found".into() });
-    }
-    Ok(candle_core::safetensors::load(path, device)?)
 }

@@ -3,7 +3,7 @@
 //! resuming).
 
 use crate::error::{Result, RetrieverError};
-use crate::params::Param;
+use crate::train::params::Param;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -105,7 +105,7 @@ impl AdamW {
 
     /// Restores moments saved by [`AdamW::save`] after `steps` updates.
     pub fn load(params: &[Param], config: AdamWConfig, path: &Path, steps: u64) -> Result<Self> {
-        let mut tensors = crate::params::load_tensors(path, &Device::Cpu)?;
+        let mut tensors = crate::checkpoint::load_tensors(path, &Device::Cpu)?;
         let mut moments = Vec::with_capacity(params.len());
         for p in params {
             let mut get = |suffix: &str| {

@@ -1,9 +1,9 @@
 //! Layer normalisation over the last dimension, for the training graph.
 //!
 //! `candle_nn::LayerNorm` dispatches contiguous inputs to a fused kernel without a backward pass,
-//! which would silently cut the gradient; this one uses [`crate::ops::layer_norm`], which has one.
+//! which would silently cut the gradient; this one uses [`crate::train::ops::layer_norm`], which has one.
 
-use crate::params::{Init, ParamStore};
+use crate::train::params::{Init, ParamStore};
 use candle_core::{Tensor, Var};
 
 /// Learned gain and bias of a layer norm.
@@ -29,6 +29,6 @@ impl LayerNorm {
 
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
+        crate::train::ops::layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
     }
 }
