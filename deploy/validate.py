@@ -73,6 +73,14 @@ def host_port(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def redis_fsyncs_every_write(args: list, where: str) -> None:
+    """The README promises an acknowledged append is durable: Redis must fsync each write."""
+    args = [str(a) for a in args or []]
+    for flag, want in (("--appendonly", "yes"), ("--appendfsync", "always")):
+        if flag not in args or args.index(flag) + 1 >= len(args) or args[args.index(flag) + 1] != want:
+            fail(f"{where}: redis-server needs {flag} {want} (acknowledged appends must be on disk)")
+
+
 def cross_check(objs: list[dict], source: str) -> None:
     by_kind: dict[str, dict[str, dict]] = {}
     for obj in objs:
@@ -166,6 +174,9 @@ def cross_check(objs: list[dict], source: str) -> None:
             fail(f"{source}: [gateway.store] url {store['url']!r} is not redis://HOST:PORT/...")
         else:
             service_port(m.group(1), int(m.group(2)), "[gateway.store] url")
+    if "redis" in deployments:
+        c = pod_spec(deployments["redis"])["containers"][0]
+        redis_fsyncs_every_write(c.get("command", []) + c.get("args", []), f"{source}: Deployment redis")
     for name, section in [("gateway", "gateway"), ("retriever", "retriever"), ("ranker", "ranker")]:
         d = deployments.get(name)
         if d is None:
@@ -211,6 +222,8 @@ def check_compose(path: pathlib.Path) -> None:
     volumes = set((doc.get("volumes") or {}).keys())
     if not services:
         fail(f"{path}: no services")
+    if "redis" in services:
+        redis_fsyncs_every_write(services["redis"].get("command"), f"{path}: service redis")
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}
         for dep in deps if isinstance(deps, (list, dict)) else []:

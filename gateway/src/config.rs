@@ -201,8 +201,10 @@ pub struct GatewayConfig {
     pub reserve_fraction: f64,
     /// Below this much remaining time the ranker is not even called (degraded, timeout).
     pub min_rank_budget_ms: u64,
-    /// User-history cache: most users kept.
-    pub cache_entries: usize,
+    /// User-history cache: most bytes of histories kept (event ids, timestamps, catalog indices
+    /// and per-entry overhead, as counted by the cache), so one long history cannot crowd the
+    /// budget unseen the way a count of users would let it.
+    pub cache_bytes: u64,
     /// User-history cache: how long an entry is trusted (other replicas may have appended).
     pub cache_ttl_ms: u64,
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, in-flight requests get this
@@ -261,7 +263,7 @@ impl Default for GatewayConfig {
             reserve_ms: 2,
             reserve_fraction: 0.05,
             min_rank_budget_ms: 20,
-            cache_entries: 100_000,
+            cache_bytes: 64 << 20,
             cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_item_id_len: 128,
@@ -324,8 +326,8 @@ impl Section for GatewayConfig {
             // Allowed (calibrate may raise the weight in a file that enables shadow ranking).
             tracing::warn!("shadow_ranker.fraction has no effect while ranker_weight > 0: every request is ranked");
         }
-        if self.cache_entries == 0 {
-            return err("cache_entries", "must be at least 1");
+        if self.cache_bytes < 4096 {
+            return err("cache_bytes", "must be at least 4096 (one typical history)");
         }
         if self.max_history == 0 {
             return err("max_history", "must be at least 1");

@@ -78,7 +78,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     drop(dataset);
     let resolver = catalog.clone();
     let histories =
-        Arc::new(UserHistoryCache::new(store, config.cache_entries, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)));
+        Arc::new(UserHistoryCache::new(store, config.cache_bytes, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)));
 
     let retriever = RetrieverClient::new(
         Endpoint::from_shared(format!("http://{}", config.retriever))?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy(),
