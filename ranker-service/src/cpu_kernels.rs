@@ -165,7 +165,7 @@ simd_dispatch!(swiglu_row_best, swiglu_row_avx2, swiglu_row,
     (out: &mut [f32], gate: &[f32], up: &[f32]));
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()

@@ -24,6 +24,7 @@
 //! - [`metrics`]: Prometheus metric names and the exporter.
 
 pub mod backend;
+pub mod bf16_gemm;
 pub mod config;
 mod cpu_kernels;
 pub mod error;

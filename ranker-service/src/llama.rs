@@ -198,6 +198,8 @@ pub struct Llama {
     device: Device,
     dtype: DType,
     kernels: Kernels,
+    /// Set once the projections are packed as bf16 ([`Llama::pack_bf16`]).
+    bf16: Option<crate::bf16_gemm::Bf16Kernel>,
 }
 
 /// Per-forward data shared by all blocks.
@@ -258,6 +260,7 @@ impl Llama {
             device: device.clone(),
             dtype,
             kernels: Kernels::Fused,
+            bf16: None,
         })
     }
 
@@ -332,6 +335,39 @@ impl Llama {
     /// Full-vocabulary logits `(.., vocab)` for hidden states `(.., hidden)`.
     pub fn full_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.broadcast_matmul(&self.weights.lm_head.t()?)?)
+    }
+
+    /// Re-packs every dense decoder projection as bf16 for the CPU's bf16 kernels (after any
+    /// adapter is merged; inference only). Returns the kernel used, or None (nothing changed)
+    /// when the CPU has no AVX-512 BF16, the model is off the CPU or not f32.
+    pub fn pack_bf16(&mut self) -> Result<Option<crate::bf16_gemm::Bf16Kernel>> {
+        let Some(kernel) = crate::bf16_gemm::Bf16Kernel::detect() else {
+            return Ok(None);
+        };
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Ok(None);
+        }
+        for block in &mut self.weights.blocks {
+            for linear in [&mut block.qkv, &mut block.o, &mut block.gate_up, &mut block.down] {
+                if let Linear::Dense(w) = linear {
+                    let (out, inp) = w.dims2()?;
+                    let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    *linear = Linear::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedBf16::pack(&data, out, inp)));
+                }
+            }
+        }
+        self.bf16 = Some(kernel);
+        Ok(Some(kernel))
+    }
+
+    /// Which kernels the decoder projections run on: "f32", "quantized", "bf16-amx" or
+    /// "bf16-avx512" (for Info and logs).
+    pub fn projection_kernels(&self) -> &'static str {
+        match (self.bf16, &self.weights.blocks.first().map(|b| &b.qkv)) {
+            (Some(k), _) => k.name(),
+            (None, Some(Linear::Quantized(_) | Linear::Concat(_))) => "quantized",
+            _ => "f32",
+        }
     }
 
     /// Merges a LoRA adapter into dense weights (serving: no per-token LoRA cost afterwards).

@@ -121,6 +121,19 @@ impl Ranker {
         if !model.device().is_cpu() {
             model.set_kernels(Kernels::Generic);
         }
+        match config.precision {
+            WeightPrecision::Bf16 => {
+                if model.pack_bf16()?.is_none() {
+                    return Err(RankerError::InvalidModel(
+                        "precision = \"bf16\" needs an f32 model on a CPU with AVX-512 BF16, which this is not; use \"auto\" (bf16 where available) or \"f32\"".into(),
+                    ));
+                }
+            }
+            WeightPrecision::Auto => {
+                model.pack_bf16()?;
+            }
+            WeightPrecision::F32 | WeightPrecision::Quantized => {}
+        }
         let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
         Self::new(model, renderer)
     }

@@ -163,6 +163,8 @@ pub async fn load(
     tracing::info!(
         model = %info.version.name,
         version = %info.version.version,
+        precision = ?config.precision,
+        projection_kernels = ranker.model().projection_kernels(),
         load_ms = loaded_ms,
         warm_up_ms = warm.elapsed().as_millis() as u64,
         resident_mb = crate::metrics::resident_bytes().unwrap_or(0) >> 20,

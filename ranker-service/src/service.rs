@@ -315,6 +315,7 @@ impl ranker_server::Ranker for RankerService {
             max_candidates: template.letters.len() as u32,
             max_history: template.max_history as u32,
             context_length: self.ranker.max_prompt_tokens() as u32,
+            projection_kernels: self.ranker.model().projection_kernels().to_string(),
         }))
     }
 }

@@ -24,6 +24,12 @@ pub enum WeightPrecision {
     /// Keep quantized tensors as stored and multiply with candle's `QMatMul` (activations are
     /// quantized to Q8 on the fly). Uses ~5x less memory; slower on CPU.
     Quantized,
+    /// Projections in bf16 with f32 sums ([`crate::bf16_gemm`]: AMX where present, else
+    /// AVX-512 BF16), packed at load after the adapter is merged; refuses to start on a CPU
+    /// without AVX-512 BF16. Embeddings, norms and attention stay f32.
+    Bf16,
+    /// `bf16` where the CPU has AVX-512 BF16 (and the device is the CPU), else `f32`.
+    Auto,
 }
 
 /// A projection `y = x W^T`, with `W` of shape `(out, in)`.
@@ -36,6 +42,8 @@ pub enum Linear {
     /// Several projections of the same input whose outputs are concatenated; used when the
     /// parts of a fused projection are stored in different quantized formats.
     Concat(Vec<Linear>),
+    /// A bf16 weight packed for the CPU's bf16 kernels (inference only: no backward).
+    Bf16(Arc<crate::bf16_gemm::PackedBf16>),
 }
 
 impl Linear {
@@ -44,6 +52,13 @@ impl Linear {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
             Self::Quantized(q) => q.forward(x),
+            Self::Bf16(w) => {
+                let (rows, _) = x.dims2()?;
+                let x = x.contiguous()?;
+                let y = crate::cpu_kernels::with_f32(&x, |data| w.matmul(data, rows))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Tensor::from_vec(y, (rows, w.out_features()), x.device())
+            }
             Self::Concat(parts) => {
                 let ys = parts
                     .iter()
@@ -62,6 +77,7 @@ impl Linear {
             Self::Quantized(QMatMul::Tensor(w)) | Self::Quantized(QMatMul::TensorF16(w)) => {
                 w.to_dtype(dtype)
             }
+            Self::Bf16(w) => Tensor::from_vec(w.unpack(), (w.out_features(), w.in_features()), &Device::Cpu)?.to_dtype(dtype),
             Self::Concat(parts) => {
                 let ws = parts
                     .iter()
