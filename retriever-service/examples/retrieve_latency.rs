@@ -6,6 +6,7 @@
 use candle_core::Device;
 use llamarec_common::data::{DataConfig, Dataset, Split};
 use retriever_service::train::model::LruRec;
+use retriever_service::train::params::BuildFromParams;
 use retriever_service::{Catalog, CatalogItem, Encoder, LruRecConfig, Retriever};
 use std::path::PathBuf;
 use std::time::Instant;

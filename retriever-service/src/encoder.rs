@@ -303,6 +303,7 @@ impl Encoder {
 pub(crate) mod tests {
     use super::*;
     use crate::train::model::LruRec;
+    use crate::train::params::BuildFromParams;
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 

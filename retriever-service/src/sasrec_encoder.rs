@@ -127,6 +127,7 @@ impl SasEncoder {
 #[cfg(test)]
 mod tests {
     use crate::config::{LruRecConfig, ModelKind};
+    use crate::train::params::BuildFromParams;
     use crate::train::sasrec::SasRec;
     use crate::state_cache::{Outcome, StateCache};
     use crate::Encoder;

@@ -96,6 +96,27 @@ impl<'a, R: rand::Rng> ParamStore<'a, R> {
     }
 }
 
+/// A model whose parameters all come from a [`ParamStore`]: the same `build` makes it fresh
+/// (seeded) or from a checkpoint's tensors, so parameter names cannot drift between the two.
+pub trait BuildFromParams: Sized {
+    /// Creates every parameter through `store`.
+    fn build<R: rand::Rng>(config: &crate::config::LruRecConfig, store: ParamStore<'_, R>) -> Result<Self>;
+
+    /// A freshly initialised model; the same `seed` gives the same weights.
+    fn init(config: &crate::config::LruRecConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::build(config, ParamStore::new(ParamSource::Init(&mut rng), device))
+    }
+
+    /// A model with the given tensors (e.g. read from `model.safetensors`).
+    fn from_tensors(config: &crate::config::LruRecConfig, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        config.validate()?;
+        Self::build(config, ParamStore::<rand::rngs::StdRng>::new(ParamSource::Load(tensors), device))
+    }
+}
+
 /// Writes parameters to a safetensors file.
 pub fn save(params: &[Param], path: &Path) -> Result<()> {
     let map: HashMap<String, Tensor> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();

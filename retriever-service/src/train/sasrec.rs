@@ -17,12 +17,8 @@ use crate::config::LruRecConfig;
 use crate::train::dropout::{dropout, DropoutRng};
 use crate::train::ffn::FeedForward;
 use crate::train::norm::LayerNorm;
-use crate::train::params::{Init, Param, ParamSource, ParamStore};
-use candle_core::{Device, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use std::collections::HashMap;
-use std::path::Path;
+use crate::train::params::{BuildFromParams, Init, Param, ParamStore};
+use candle_core::{Tensor, Var};
 
 /// `x` (rows, in) · Wᵀ + b.
 fn linear(x: &Tensor, w: &Var, b: &Var) -> candle_core::Result<Tensor> {
@@ -113,25 +109,7 @@ pub struct SasRec {
     params: Vec<Param>,
 }
 
-impl SasRec {
-    /// A freshly initialised model; the same `seed` gives the same weights.
-    pub fn init(config: &LruRecConfig, seed: u64, device: &Device) -> crate::Result<Self> {
-        config.validate()?;
-        let mut rng = StdRng::seed_from_u64(seed);
-        Self::build(config, ParamStore::new(ParamSource::Init(&mut rng), device))
-    }
-
-    /// A model with the given tensors (e.g. read from `model.safetensors`).
-    pub fn from_tensors(config: &LruRecConfig, tensors: &HashMap<String, Tensor>, device: &Device) -> crate::Result<Self> {
-        config.validate()?;
-        Self::build(config, ParamStore::<StdRng>::new(ParamSource::Load(tensors), device))
-    }
-
-    /// Reads a model from a safetensors file.
-    pub fn load(config: &LruRecConfig, path: &Path, device: &Device) -> crate::Result<Self> {
-        Self::from_tensors(config, &crate::checkpoint::load_tensors(path, device)?, device)
-    }
-
+impl BuildFromParams for SasRec {
     fn build<R: rand::Rng>(config: &LruRecConfig, mut store: ParamStore<'_, R>) -> crate::Result<Self> {
         let (v, d, std) = (config.vocab_size(), config.embed_dim, config.init_std);
         let embedding = store.param("embedding.token.weight", &[v, d], Init::TruncatedNormal(std))?;
@@ -146,6 +124,9 @@ impl SasRec {
         let output_bias = store.param("output.bias", &[v], Init::TruncatedNormal(std))?;
         Ok(Self { config: config.clone(), embedding, positions, embed_norm, blocks, output_bias, params: store.into_params() })
     }
+}
+
+impl SasRec {
 
     /// All trainable parameters with their checkpoint names.
     pub fn params(&self) -> &[Param] {

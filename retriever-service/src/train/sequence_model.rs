@@ -4,7 +4,7 @@
 use crate::config::{LruRecConfig, ModelKind};
 use crate::train::dropout::DropoutRng;
 use crate::train::model::LruRec;
-use crate::train::params::Param;
+use crate::train::params::{BuildFromParams, Param};
 use crate::train::sasrec::SasRec;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
