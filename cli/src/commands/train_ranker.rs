@@ -148,11 +148,13 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
     // A log file (nohup) gets plain lines instead of the bar, which indicatif hides there.
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let report = train::train(base.model(), base.renderer(), &inputs, &recipe, &args.out, !args.fresh, &mut |e| match e {
-        Event::Start { done, total, resumed } => {
+        Event::Start { done, total, resumed, gradients } => {
             bar.set_length(total);
             bar.set_position(done);
             if resumed {
-                say(format!("resuming at example {done} of {total}"));
+                say(format!("resuming at example {done} of {total}; gradients: {gradients}"));
+            } else {
+                say(format!("gradients: {gradients}"));
             }
         }
         Event::Example { done, step, recent_loss, examples_per_s, .. } => {

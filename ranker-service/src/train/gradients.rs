@@ -38,7 +38,7 @@ impl ExampleGradients {
     pub fn new(base: &Llama, lora: &TrainableLora, backprop: Backprop) -> Result<Self> {
         let mut model = base.clone();
         let native = if backprop.native_for(base) {
-            Some(NativeStep::new(base)?)
+            Some(NativeStep::with_precision(base, backprop.frozen_precision()?)?)
         } else {
             model.set_kernels(Kernels::Differentiable);
             None
@@ -53,6 +53,15 @@ impl ExampleGradients {
     /// True when the native step runs.
     pub fn is_native(&self) -> bool {
         self.native.is_some()
+    }
+
+    /// "autograd", "native f32", "native bf16-amx" or "native bf16-avx512" (logs and benches).
+    pub fn describe(&self) -> String {
+        match self.native.as_ref().map(|n| n.precision()) {
+            None => "autograd".into(),
+            Some(super::native::FrozenPrecision::F32) => "native f32".into(),
+            Some(super::native::FrozenPrecision::Bf16(k)) => format!("native {}", k.name()),
+        }
     }
 
     /// Adds the gradients of `loss * loss_scale` for `example` into `acc` (one slot per param

@@ -58,10 +58,16 @@ pub enum LossKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backprop {
-    /// [`Backprop::Native`] on the CPU, [`Backprop::Autograd`] on other devices.
+    /// The native step on the CPU (its frozen products in bf16 where the CPU has AMX, else
+    /// f32: [`native::FrozenPrecision::auto`]), [`Backprop::Autograd`] on other devices.
     Auto,
-    /// The hand-derived f32 CPU step ([`native::NativeStep`]): several times faster.
+    /// The hand-derived CPU step ([`native::NativeStep`]), all in f32: several times faster
+    /// than autograd, and the reference the bf16 variant is checked against.
     Native,
+    /// The native step with the frozen projections' products in bf16 with f32 sums (AMX, or
+    /// AVX-512 BF16); LoRA pairs, gradients and optimizer stay f32. Fails where the CPU has
+    /// neither.
+    NativeBf16,
     /// candle's autograd over the differentiable forward pass (any device and dtype).
     Autograd,
 }
@@ -71,9 +77,21 @@ impl Backprop {
     pub fn native_for(self, model: &Llama) -> bool {
         match self {
             Self::Auto => model.device().is_cpu(),
-            Self::Native => true,
+            Self::Native | Self::NativeBf16 => true,
             Self::Autograd => false,
         }
+    }
+
+    /// The frozen products' arithmetic of the native step, or an error naming what is missing.
+    pub fn frozen_precision(self) -> Result<native::FrozenPrecision> {
+        Ok(match self {
+            Self::Auto => native::FrozenPrecision::auto(),
+            Self::Native | Self::Autograd => native::FrozenPrecision::F32,
+            Self::NativeBf16 => match crate::bf16_gemm::Bf16Kernel::detect() {
+                Some(kernel) => native::FrozenPrecision::Bf16(kernel),
+                None => bail!("backprop = \"native_bf16\" needs a CPU with AVX-512 BF16 or AMX, which this is not; use \"auto\" or \"native\""),
+            },
+        })
     }
 }
 
@@ -333,11 +351,13 @@ struct TrainerState {
 /// Progress reported to the caller (the CLI draws a progress bar).
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
-    /// Training starts (or resumes) with this many examples done of `total`.
+    /// Training starts (or resumes) with this many examples done of `total`; `gradients` names
+    /// what computes them ("native bf16-amx", "native f32", "autograd").
     Start {
         done: u64,
         total: u64,
         resumed: bool,
+        gradients: String,
     },
     /// One example done.
     Example {
@@ -752,10 +772,12 @@ pub fn train(
     let resumed = st.examples > 0 || !st.evaluations.is_empty();
     let wall_before = st.wall_seconds;
     let retriever_validation = retriever_order(inputs.validation);
+    let mut engine = ExampleGradients::new(base, &lora, config.backprop)?;
     on_event(Event::Start {
         done: st.examples,
         total,
         resumed,
+        gradients: engine.describe(),
     });
 
     let max_history = renderer.template().max_history;
@@ -821,7 +843,6 @@ pub fn train(
         save_checkpoint(&mut st, &lora, &opt)?;
     }
     let mut acc_grads: Vec<Option<Tensor>> = vec![None; lora.params.len()];
-    let mut engine = ExampleGradients::new(base, &lora, config.backprop)?;
     let mut micro = 0usize;
     let mut micro_losses = Vec::new();
     let mut recent: std::collections::VecDeque<f64> = Default::default();

@@ -47,6 +47,8 @@ pub struct TrainStepBenchArgs {
 pub enum BackpropArg {
     /// The hand-derived f32 CPU step.
     Native,
+    /// The native step with the frozen products in bf16 (AMX / AVX-512 BF16 CPUs only).
+    NativeBf16,
     /// candle's autograd.
     Autograd,
 }
@@ -84,6 +86,7 @@ pub fn run(layers: &ConfigLayers, args: TrainStepBenchArgs) -> Result<()> {
     for &which in &args.backprop {
         let backprop = match which {
             BackpropArg::Native => Backprop::Native,
+            BackpropArg::NativeBf16 => Backprop::NativeBf16,
             BackpropArg::Autograd => Backprop::Autograd,
         };
         eprintln!("{which:?}: {} tokens, 1 warm-up + {} timed examples ...", ids.len(), args.iters);
@@ -179,7 +182,8 @@ fn time_backprop(
     }
     let total_wall: f64 = walls.iter().sum();
     Ok(json!({
-        "backprop": match backprop { Backprop::Native => "native", _ => "autograd" },
+        "backprop": match backprop { Backprop::Native => "native", Backprop::NativeBf16 => "native_bf16", _ => "autograd" },
+        "engine": engine.describe(),
         "seconds_per_example": median(walls.clone()),
         "samples_s": walls,
         "tokens_per_s": ids.len() as f64 / median(walls.clone()),

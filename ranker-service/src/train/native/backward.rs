@@ -139,17 +139,7 @@ impl NativeStep {
 
         // Feed-forward backwards.
         let mut dact = vec![0f32; rows_out * inter];
-        matmul(
-            rows_out,
-            inter,
-            h,
-            &mut dact,
-            inter,
-            false,
-            Mat::rows(dout, h),
-            Mat::rows(&w.down, inter),
-            1.0,
-        );
+        w.down.backward(rows_out, dout, &mut dact, false);
         Self::lora_backward(
             &s.lora,
             lora,
@@ -170,17 +160,7 @@ impl NativeStep {
             .for_each(|((d, gu), da)| swiglu_backward_best(d, gu, da));
         drop_vec(dact);
         let mut dh2 = vec![0f32; rows_out * h];
-        matmul(
-            rows_out,
-            h,
-            2 * inter,
-            &mut dh2,
-            h,
-            false,
-            Mat::rows(&dgu, 2 * inter),
-            Mat::rows(&w.gate_up, h),
-            1.0,
-        );
+        w.gate_up.backward(rows_out, &dgu, &mut dh2, false);
         for (proj, col) in [(Projection::GateProj, 0), (Projection::UpProj, inter)] {
             Self::lora_backward(
                 &s.lora,
@@ -203,17 +183,7 @@ impl NativeStep {
 
         // Output projection backwards.
         let mut dattn = vec![0f32; rows_out * qd];
-        matmul(
-            rows_out,
-            qd,
-            h,
-            &mut dattn,
-            qd,
-            false,
-            Mat::rows(&dmid, h),
-            Mat::rows(&w.o, qd),
-            1.0,
-        );
+        w.o.backward(rows_out, &dmid, &mut dattn, false);
         Self::lora_backward(
             &s.lora,
             lora,
@@ -359,17 +329,7 @@ impl NativeStep {
             Vec::new()
         };
         if need_dx {
-            matmul(
-                t,
-                h,
-                width,
-                &mut dh1,
-                h,
-                false,
-                Mat::rows(&dqkv, width),
-                Mat::rows(&w.qkv, h),
-                1.0,
-            );
+            w.qkv.backward(t, &dqkv, &mut dh1, false);
         }
         for (proj, col) in [
             (Projection::QProj, 0),

@@ -98,17 +98,7 @@ impl NativeStep {
         rms_norm(&x, &w.attn_norm, eps, &mut h1, &mut s.rstd1);
         s.x_in = x;
         let mut qkv = vec![0f32; t * width];
-        matmul(
-            t,
-            width,
-            h,
-            &mut qkv,
-            width,
-            false,
-            Mat::rows(&h1, h),
-            Mat::t(&w.qkv, h),
-            1.0,
-        );
+        w.qkv.forward(t, &h1, &mut qkv, false);
         for (proj, col) in [
             (Projection::QProj, 0),
             (Projection::KProj, qd),
@@ -210,17 +200,7 @@ impl NativeStep {
 
         // Output projection and residual.
         let mut x_mid = vec![0f32; rows_out * h];
-        matmul(
-            rows_out,
-            h,
-            qd,
-            &mut x_mid,
-            h,
-            false,
-            Mat::rows(&s.attn, qd),
-            Mat::t(&w.o, qd),
-            1.0,
-        );
+        w.o.forward(rows_out, &s.attn, &mut x_mid, false);
         Self::lora_forward(
             &mut s.lora,
             lora,
@@ -243,17 +223,7 @@ impl NativeStep {
         let mut h2 = vec![0f32; rows_out * h];
         rms_norm(&x_mid, &w.ffn_norm, eps, &mut h2, &mut s.rstd2);
         s.gate_up.resize(rows_out * 2 * inter, 0.0);
-        matmul(
-            rows_out,
-            2 * inter,
-            h,
-            &mut s.gate_up,
-            2 * inter,
-            false,
-            Mat::rows(&h2, h),
-            Mat::t(&w.gate_up, h),
-            1.0,
-        );
+        w.gate_up.forward(rows_out, &h2, &mut s.gate_up, false);
         for (proj, col) in [(Projection::GateProj, 0), (Projection::UpProj, inter)] {
             Self::lora_forward(
                 &mut s.lora,
@@ -278,17 +248,7 @@ impl NativeStep {
                 swiglu_forward_best(a, g, u);
             });
         let mut out = x_mid.clone();
-        matmul(
-            rows_out,
-            h,
-            inter,
-            &mut out,
-            h,
-            true,
-            Mat::rows(&act, inter),
-            Mat::t(&w.down, inter),
-            1.0,
-        );
+        w.down.forward(rows_out, &act, &mut out, true);
         Self::lora_forward(
             &mut s.lora,
             lora,

@@ -19,8 +19,12 @@
 
 mod backward;
 mod forward;
+mod frozen;
 mod gemm;
 mod ops;
+
+pub use frozen::FrozenPrecision;
+use frozen::Frozen;
 
 use std::collections::HashMap;
 
@@ -62,11 +66,11 @@ pub type LoraF32 = HashMap<(usize, Projection), PairF32>;
 /// The frozen weights of one block, f32 row-major `(out, in)`.
 struct BlockF32 {
     attn_norm: Vec<f32>,
-    qkv: Vec<f32>,
-    o: Vec<f32>,
+    qkv: Frozen,
+    o: Frozen,
     ffn_norm: Vec<f32>,
-    gate_up: Vec<f32>,
-    down: Vec<f32>,
+    gate_up: Frozen,
+    down: Frozen,
 }
 
 /// What the forward of one LoRA pair keeps for the backward.
@@ -117,6 +121,7 @@ pub struct NativeStep {
     cos: Vec<f32>,
     sin: Vec<f32>,
     saved: Vec<BlockSaved>,
+    precision: FrozenPrecision,
 }
 
 /// The loss of one example and the gradients of every pair of the adapter.
@@ -142,8 +147,22 @@ fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 
 
 impl NativeStep {
-    /// Copies the frozen block weights of `model` (dense, any float dtype) as f32.
+    /// Copies the frozen block weights of `model` (dense, any float dtype) as f32; the frozen
+    /// products run in f32.
     pub fn new(model: &Llama) -> Result<Self> {
+        Self::with_precision(model, FrozenPrecision::F32)
+    }
+
+    /// The frozen products' arithmetic.
+    pub fn precision(&self) -> FrozenPrecision {
+        self.precision
+    }
+
+    /// [`NativeStep::new`] with the frozen products in `precision` (bf16: packed here, once).
+    pub fn with_precision(model: &Llama, precision: FrozenPrecision) -> Result<Self> {
+        let cfg = model.config();
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
         if !model.device().is_cpu() {
             bail!("the native training step runs on the CPU");
         }
@@ -155,11 +174,11 @@ impl NativeStep {
             .map(|(i, b)| {
                 Ok(BlockF32 {
                     attn_norm: vec_f32(&b.attn_norm)?,
-                    qkv: dense_f32(&b.qkv, &format!("block {i} qkv"))?,
-                    o: dense_f32(&b.o, &format!("block {i} o"))?,
+                    qkv: Frozen::new(dense_f32(&b.qkv, &format!("block {i} qkv"))?, qd + 2 * kvd, h, precision),
+                    o: Frozen::new(dense_f32(&b.o, &format!("block {i} o"))?, h, qd, precision),
                     ffn_norm: vec_f32(&b.ffn_norm)?,
-                    gate_up: dense_f32(&b.gate_up, &format!("block {i} gate_up"))?,
-                    down: dense_f32(&b.down, &format!("block {i} down"))?,
+                    gate_up: Frozen::new(dense_f32(&b.gate_up, &format!("block {i} gate_up"))?, 2 * inter, h, precision),
+                    down: Frozen::new(dense_f32(&b.down, &format!("block {i} down"))?, h, inter, precision),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -174,6 +193,7 @@ impl NativeStep {
             embed: w.embed.to_dtype(DType::F32)?,
             cos: cos.to_vec(),
             sin: sin.to_vec(),
+            precision,
         })
     }
 
