@@ -188,6 +188,16 @@ impl Rope {
     }
 }
 
+/// Hands the heap pages freed by replacing the f32 projections (~425 MB on SmolLM2-135M) back to
+/// the OS; glibc keeps them mapped otherwise, and the pod's resident memory would not shrink.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory at the top of the heap or in free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A Llama-architecture decoder with our forward pass. Immutable and `Sync`: the attention
 /// state lives in [`KvCache`] values owned by the caller.
 #[derive(Debug, Clone)]
@@ -357,6 +367,7 @@ impl Llama {
             }
         }
         self.bf16 = Some(kernel);
+        release_freed_heap();
         Ok(Some(kernel))
     }
 
