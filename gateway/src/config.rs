@@ -201,6 +201,10 @@ pub struct GatewayConfig {
     pub reserve_fraction: f64,
     /// Below this much remaining time the ranker is not even called (degraded, timeout).
     pub min_rank_budget_ms: u64,
+    /// Popular items the gateway keeps (from the data set, at start) to answer with when the
+    /// retriever cannot be reached, flagged `DEGRADED_REASON_RETRIEVER_FALLBACK`; 0 turns the
+    /// fallback off (Recommend then fails UNAVAILABLE naming the retriever).
+    pub retriever_fallback_items: usize,
     /// User-history cache: most bytes of histories kept (event ids, timestamps, catalog indices
     /// and per-entry overhead, as counted by the cache), so one long history cannot crowd the
     /// budget unseen the way a count of users would let it.
@@ -264,6 +268,7 @@ impl Default for GatewayConfig {
             reserve_fraction: 0.05,
             min_rank_budget_ms: 20,
             cache_bytes: 64 << 20,
+            retriever_fallback_items: 200,
             cache_ttl_ms: 30_000,
             shutdown_grace_ms: 10_000,
             max_item_id_len: 128,

@@ -75,6 +75,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     if config.seed_from_dataset && store.seed_once(seed_histories(&dataset)).await? {
         tracing::info!(users = dataset.users.len(), "seeded the history store from the data set");
     }
+    let fallback = crate::retriever_client::fallback::PopularFallback::from_dataset(&dataset, config.retriever_fallback_items);
     drop(dataset);
     let resolver = catalog.clone();
     let histories =
@@ -98,7 +99,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let shadow =
         if config.ranker_weight > 0.0 { None } else { crate::shadow::ShadowRanker::start(&config.shadow_ranker).context("starting shadow ranking")? };
     let ranker = Arc::new(Ranker::new(rankers, catalog.clone(), &config));
-    let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker).with_traffic(traffic).with_shadow(shadow);
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker).with_traffic(traffic).with_shadow(shadow).with_fallback(fallback);
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;

@@ -10,7 +10,8 @@ use crate::deadline::{parse_grpc_timeout, Deadline};
 use crate::error::GatewayError;
 use crate::history::{CachedHistory, HistoryStore, StoredEvent, UserHistoryCache};
 use crate::merge::{merge, Merged};
-use crate::ranker_client::Ranker;
+use crate::ranker_client::{Degraded, Ranker};
+use crate::retriever_client::fallback::PopularFallback;
 use crate::retriever_client::Retriever;
 use crate::shadow::ShadowRanker;
 use crate::traffic::TrafficRecorder;
@@ -37,6 +38,7 @@ pub struct GatewayService<S> {
     in_flight: Arc<Semaphore>,
     traffic: Option<TrafficRecorder>,
     shadow: Option<Arc<ShadowRanker>>,
+    fallback: Option<PopularFallback>,
     stages: StageMetrics,
 }
 
@@ -44,7 +46,14 @@ impl<S: HistoryStore> GatewayService<S> {
     /// Wires the service.
     pub fn new(config: Arc<GatewayConfig>, catalog: Arc<Catalog>, histories: Arc<UserHistoryCache<S>>, retriever: Retriever, ranker: Arc<Ranker>) -> Self {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-        Self { config, catalog, histories, retriever, ranker, in_flight, traffic: None, shadow: None, stages: StageMetrics::register() }
+        Self { config, catalog, histories, retriever, ranker, in_flight, traffic: None, shadow: None, fallback: None, stages: StageMetrics::register() }
+    }
+
+    /// Answers from `fallback` when the retriever cannot be reached (see
+    /// [`crate::retriever_client::fallback`]).
+    pub fn with_fallback(mut self, fallback: Option<PopularFallback>) -> Self {
+        self.fallback = fallback;
+        self
     }
 
     /// Records a sampled share of Recommend requests (see [`crate::traffic`]).
@@ -155,14 +164,23 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
         let (history, indices) = (&history[skip..], indices.map(|i| &i[skip..]));
 
         let t = Instant::now();
-        let (retrieved, retriever_model) = self.retriever.candidates(history, indices, k.max(n), &deadline, &request_id).await?;
+        let (retrieved, retriever_model, fallback) = match self.retriever.candidates(history, indices, k.max(n), &deadline, &request_id).await {
+            Ok((retrieved, model)) => (retrieved, model, None),
+            Err(GatewayError::Retriever { address, status }) if self.fallback.is_some() && PopularFallback::covers(status.code()) => {
+                let popular = self.fallback.as_ref().expect("checked").answer(&self.catalog, history, k.max(n));
+                let detail = format!("retriever {address}: {}: {}", status.code(), status.message());
+                (popular, PopularFallback::version(), Some(Degraded { reason: DegradedReason::RetrieverFallback, detail }))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let retrieve_time = t.elapsed();
         self.stages.retrieve.record(retrieve_time.as_secs_f64());
 
         let candidates = &retrieved[..n.min(retrieved.len())];
         // At weight 0 the ranker's scores cannot change the order: it is not called, and nothing
         // is lost (not degraded). A sampled share of such requests is scored beside the answer.
-        let wanted = !options.skip_ranker && self.config.ranker_weight > 0.0 && !candidates.is_empty();
+        // Popular items are not ranked: the answer is already degraded and not personalized.
+        let wanted = !options.skip_ranker && self.config.ranker_weight > 0.0 && !candidates.is_empty() && fallback.is_none();
         let (ranked, ranker_model, degraded, rank_time) = if wanted {
             let t = Instant::now();
             let result = self.ranker.rank(history, candidates, &deadline, &request_id).await;
@@ -176,15 +194,16 @@ impl<S: HistoryStore> Gateway for GatewayService<S> {
             (Vec::new(), None, None, Duration::ZERO)
         };
 
+        let degraded = fallback.or(degraded);
         let items = merge(&retrieved, &ranked, self.config.ranker_weight, k).into_iter().map(to_proto).collect();
-        if !wanted && !options.skip_ranker && !candidates.is_empty() {
+        if !wanted && !options.skip_ranker && !candidates.is_empty() && degraded.is_none() {
             if let Some(shadow) = &self.shadow {
                 shadow.offer(&self.ranker, history, candidates, &request_id, &req.user_id);
             }
         }
         if let Some(d) = &degraded {
             metrics::counter!("llamarec_gateway_degraded_total", "reason" => d.reason.as_str_name()).increment(1);
-            tracing::warn!(reason = d.reason.as_str_name(), detail = %d.detail, "recommendation degraded to retriever order");
+            tracing::warn!(reason = d.reason.as_str_name(), detail = %d.detail, "recommendation degraded");
         }
         self.stages.total.record(start.elapsed().as_secs_f64());
         Ok(Response::new(RecommendResponse {

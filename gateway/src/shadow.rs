@@ -95,7 +95,7 @@ fn outcome_label(reason: DegradedReason) -> &'static str {
         DegradedReason::RankerTimeout => "timeout",
         DegradedReason::Overload => "overload",
         DegradedReason::NoRanker => "no_ranker",
-        DegradedReason::RankerFailed | DegradedReason::Unspecified => "failed",
+        DegradedReason::RankerFailed | DegradedReason::Unspecified | DegradedReason::RetrieverFallback => "failed",
     }
 }
 

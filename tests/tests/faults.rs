@@ -150,12 +150,14 @@ async fn slow_ranker_and_ranker_killed_and_restarted_under_a_stream() {
     drop(ranker);
 }
 
-/// Retriever down: Recommend answers UNAVAILABLE naming the retriever; history calls go on.
+/// Retriever down with the popularity fallback off: Recommend answers UNAVAILABLE naming the
+/// retriever; history calls go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retriever_down_is_unavailable_naming_the_retriever() {
+async fn retriever_down_without_fallback_is_unavailable_naming_the_retriever() {
     let dir = tempfile::tempdir().unwrap();
     let addrs = Addrs::new();
-    let config = setup::write_config(dir.path(), &addrs, &[], &Store::Embedded, &Extra::default());
+    let extra = Extra { gateway: "retriever_fallback_items = 0", ..Default::default() };
+    let config = setup::write_config(dir.path(), &addrs, &[], &Store::Embedded, &extra);
     let mut retriever = setup::start("retriever", &config);
     let _gateway = setup::start("gateway", &config);
     for addr in [&addrs.retriever, &addrs.gateway] {
@@ -177,6 +179,63 @@ async fn retriever_down_is_unavailable_naming_the_retriever() {
     // The history side does not need the retriever.
     c.append_events(AppendEventsRequest { user_id: "r-down".into(), events: vec![ev("50", 1)] }).await.unwrap();
     assert_eq!(history(&mut c, "r-down").await.unwrap(), [("50".to_string(), 1)]);
+}
+
+/// Retriever killed under a stream of Recommends (the shipped default: the fallback on): not one
+/// Recommend fails; once the retriever is gone the answers are the catalog's popular items not
+/// in the user's history, flagged RETRIEVER_FALLBACK, with and without the ranker stage wanted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriever_killed_under_a_stream_answers_from_popular_items_and_nothing_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = Addrs::new();
+    let config = setup::write_config(dir.path(), &addrs, &[], &Store::Embedded, &Extra::default());
+    let mut retriever = setup::start("retriever", &config);
+    let _gateway = setup::start("gateway", &config);
+    for addr in [&addrs.retriever, &addrs.gateway] {
+        wait_serving(addr, Duration::from_secs(120)).await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<Result<RecommendResponse, tonic::Status>>>> = Arc::default();
+    let mut streams = Vec::new();
+    for s in 0..4 {
+        let (stop, outcomes, gateway) = (stop.clone(), outcomes.clone(), addrs.gateway.clone());
+        streams.push(tokio::spawn(async move {
+            let mut c = client(&gateway).await;
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let user = format!("{}", 1 + (s * 97 + i) % 943);
+                let r = c.recommend(recommend(&user, 10, Duration::from_secs(30), i % 2 == 0)).await.map(|r| r.into_inner());
+                outcomes.lock().unwrap().push(r);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_kill = outcomes.lock().unwrap().len();
+    retriever.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for s in streams {
+        s.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    assert!(before_kill > 0 && outcomes.len() > before_kill + 10, "{before_kill} before the kill, {} in all", outcomes.len());
+    let failed: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of {} Recommends failed, e.g. {:?}", failed.len(), outcomes.len(), failed.first());
+    let last = outcomes.last().unwrap().as_ref().unwrap();
+    assert!(last.degraded && last.degraded_reason == DegradedReason::RetrieverFallback as i32, "{last:?}");
+    assert!(last.degraded_detail.contains(&addrs.retriever), "names the retriever: {}", last.degraded_detail);
+    assert_eq!(last.items.len(), 10);
+    assert_eq!(last.retriever_model.as_ref().map(|m| m.name.as_str()), Some("popularity-fallback"));
+
+    // A user's own history is never recommended back, and the fallback is the same popular list
+    // for everyone else.
+    let mut c = client(&addrs.gateway).await;
+    let seen: Vec<String> = history(&mut c, "1").await.unwrap().into_iter().map(|(id, _)| id).collect();
+    let r = c.recommend(recommend("1", 10, Duration::from_secs(30), false)).await.unwrap().into_inner();
+    assert_eq!(r.degraded_reason, DegradedReason::RetrieverFallback as i32);
+    assert!(r.items.iter().all(|i| !seen.contains(&i.item_id)), "history items recommended back");
+    assert!(r.items.windows(2).all(|w| w[0].retriever_score >= w[1].retriever_score), "most popular first");
 }
 
 /// Redis down: reads of cached users are served from the gateway's cache (even with a zero TTL:

@@ -6,6 +6,7 @@
 
 pub mod batching;
 pub mod dense;
+pub mod fallback;
 
 use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
