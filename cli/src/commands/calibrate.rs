@@ -125,7 +125,11 @@ pub fn load_ranker(layers: &ConfigLayers, adapter: Option<&Path>) -> Result<Rank
     let assets = layers.section::<AssetsConfig>()?;
     let section = layers.section::<RankerServiceConfig>()?;
     let mut model = section.model_config(&assets);
-    model.precision = WeightPrecision::F32;
+    // An adapter merges into dense weights: quantized weights are dequantized (bf16 is packed
+    // after the merge, so it stays as configured).
+    if model.precision == WeightPrecision::Quantized {
+        model.precision = WeightPrecision::F32;
+    }
     Ranker::load_with_adapter(&model, adapter, &super::train_ranker::dense_on_device(&section)?)
         .with_context(|| format!("loading {}{}", model.model.display(), adapter.map(|a| format!(" with adapter {}", a.display())).unwrap_or_default()))
 }
