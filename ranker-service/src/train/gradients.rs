@@ -36,6 +36,10 @@ pub struct ExampleGradients {
 impl ExampleGradients {
     /// Prepares `backprop` for `base` (dense weights) and the pairs of `lora`.
     pub fn new(base: &Llama, lora: &TrainableLora, backprop: Backprop) -> Result<Self> {
+        if base.projection_kernels().starts_with("bf16") {
+            // Packed bf16 projections have no backward: gradients would stop at them.
+            anyhow::bail!("training needs the model's dense weights: load it with precision \"f32\" (the native step packs its own bf16 products)");
+        }
         let mut model = base.clone();
         let native = if backprop.native_for(base) {
             Some(NativeStep::with_precision(base, backprop.frozen_precision()?)?)

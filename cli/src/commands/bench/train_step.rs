@@ -54,7 +54,9 @@ pub enum BackpropArg {
 }
 
 pub fn run(layers: &ConfigLayers, args: TrainStepBenchArgs) -> Result<()> {
-    let config = args.model.config(layers)?;
+    let mut config = args.model.config(layers)?;
+    // Training reads dense f32 weights (the bf16 frozen products are packed by the step itself).
+    config.precision = ranker_service::WeightPrecision::F32;
     if !config.model.exists() {
         bail!("{} is missing: run `llamarec fetch`", config.model.display());
     }
