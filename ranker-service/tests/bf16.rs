@@ -35,7 +35,9 @@ fn prompts() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
 fn bf16_scores_like_f32_or_is_refused_with_a_reason() {
     let adapter = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/ml-100k");
     if !bf16_gemm::supported() {
-        let err = Ranker::load(&config(WeightPrecision::Bf16), &LoadOptions::default()).err().expect("bf16 must be refused here");
+        let Err(err) = Ranker::load(&config(WeightPrecision::Bf16), &LoadOptions::default()) else {
+            panic!("bf16 must be refused on a CPU without AVX-512 BF16");
+        };
         assert!(err.to_string().contains("AVX-512 BF16"), "{err}");
         let auto = Ranker::load(&config(WeightPrecision::Auto), &LoadOptions::default()).unwrap();
         assert_eq!(auto.model().projection_kernels(), "f32", "auto falls back to f32");

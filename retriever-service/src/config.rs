@@ -95,7 +95,7 @@ impl LruRecConfig {
                 self.embed_dim, self.state_dim, self.ffn_dim, self.num_blocks
             ));
         }
-        if self.kind == ModelKind::SasRec && (self.num_heads == 0 || self.embed_dim % self.num_heads != 0) {
+        if self.kind == ModelKind::SasRec && (self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads)) {
             return bad(format!("embed_dim ({}) must be a positive multiple of num_heads ({})", self.embed_dim, self.num_heads));
         }
         if !(0.0 < self.r_min && self.r_min <= self.r_max && self.r_max < 1.0) {

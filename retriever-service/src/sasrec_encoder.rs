@@ -296,6 +296,6 @@ mod tests {
         assert_eq!((outcome, state), (Outcome::Miss, encoder.encode(&longer).unwrap()));
         let mut stale = encoder.encode(&history).unwrap();
         assert!(encoder.push(&mut stale, 20).is_err(), "a SASRec state cannot absorb events");
-        assert!(encoder.encode(&vec![1u32; 33]).is_err(), "longer than max_len");
+        assert!(encoder.encode(&[1u32; 33]).is_err(), "longer than max_len");
     }
 }

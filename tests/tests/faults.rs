@@ -218,7 +218,7 @@ async fn retriever_killed_under_a_stream_answers_from_popular_items_and_nothing_
     for s in streams {
         s.await.unwrap();
     }
-    let outcomes = outcomes.lock().unwrap();
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     assert!(before_kill > 0 && outcomes.len() > before_kill + 10, "{before_kill} before the kill, {} in all", outcomes.len());
     let failed: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "{} of {} Recommends failed, e.g. {:?}", failed.len(), outcomes.len(), failed.first());

@@ -309,12 +309,12 @@ mod tests {
         // padding query rows (all keys masked) zeroed afterwards.
         let mut mask = vec![0f32; batch * heads * len * len];
         let mut row_keep = vec![0f32; batch * heads * len * len];
-        for b in 0..batch {
+        for (b, &first_b) in first.iter().enumerate().take(batch) {
             for h in 0..heads {
                 for i in 0..len {
                     for j in 0..len {
                         let at = ((b * heads + h) * len + i) * len + j;
-                        if j > i || j < first[b] {
+                        if j > i || j < first_b {
                             mask[at] = -1e9;
                         }
                         row_keep[at] = if i >= first[b] { 1.0 } else { 0.0 };
