@@ -91,7 +91,7 @@ fn draw(path: &Path, all: &[Evaluation]) -> Result<()> {
     let mut chart = builder.build_cartesian_2d(0f64..x_max, (y_lo - pad)..(y_hi + pad))?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("training examples").y_desc("NDCG@10").label_style(("sans-serif", 15)).y_label_formatter(&|y| format!("{y:.3}"));
+        mesh.x_desc("training examples").y_desc("NDCG@10").label_style(("sans-serif", 15)).x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.3}"));
     } else {
         mesh.disable_x_axis().disable_y_axis();
     }
