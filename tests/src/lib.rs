@@ -15,9 +15,36 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a service that binds it later.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), never twice in
+/// one process: a port from `bind(0)` could be handed out again, to another `bind(0)` (the delay
+/// proxy) or as the local port of an outgoing connection (a service dialling another), in the
+/// seconds before the ranker, slow to load, binds it; CI saw exactly that ("Address already in
+/// use"). Each test process starts at its own offset so concurrent test binaries rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let high = ephemeral_low().clamp(LOW + 1_000, 65_535);
+    let span = high - LOW;
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{high}")
+}
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 /// A workspace binary next to the test executable (`target/release/NAME`). `cargo test

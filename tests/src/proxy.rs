@@ -23,7 +23,8 @@ impl DelayProxy {
     /// (`host:port`). When the upstream refuses, the client's connection is closed at once, as a
     /// dead backend would.
     pub async fn start(upstream: &str, delay: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        // Not port 0: see `free_port`.
+        let listener = TcpListener::bind(("127.0.0.1", crate::free_port())).await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address").to_string();
         let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
         let bytes_up = Arc::new(AtomicU64::new(0));
