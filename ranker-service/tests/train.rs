@@ -327,6 +327,29 @@ fn training_loop_writes_a_peft_adapter_and_resumes_exactly() {
         .unwrap()
         .to_string();
     assert!(e.contains("different recipe"), "{e}");
+
+    // The overfit diagnostic repeats 2 examples with the same candidates and letters, so the
+    // loss falls well below ln 20 (~3.0, a uniform guess among the letters).
+    let three = tempfile::tempdir().unwrap();
+    let overfit = RankerTrainConfig {
+        r: 2,
+        overfit_examples: 2,
+        max_examples: 200,
+        dropout: 0.0,
+        lr: 3e-2,
+        eval_every_steps: 1000,
+        ..cfg.clone()
+    };
+    let report = run(&overfit, three.path(), &mut |_| {}).unwrap();
+    assert_eq!((report.examples, report.steps), (200, 100));
+    let (first, last) = (report.step_losses[0], *report.step_losses.last().unwrap());
+    assert!(last < 2.0, "overfitting 2 examples: step loss {first} -> {last}");
+    // Without a budget the repeats would never end.
+    let e = run(&RankerTrainConfig { max_examples: 0, ..overfit }, three.path(), &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("overfit_examples"), "{e}");
 }
 
 #[test]

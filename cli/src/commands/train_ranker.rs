@@ -9,7 +9,7 @@ use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_common::ranking_metrics::format_table;
 use ranker_service::service_config::RankerServiceConfig;
 use ranker_service::train::{self, Event, LossKind, NegativeKind, RankerTrainConfig, Rng, TrainInputs, ValidationCase};
-use ranker_service::{LoadOptions, Ranker, WeightPrecision};
+use ranker_service::{LoadOptions, Projection, Ranker, WeightPrecision};
 use retriever_service::Retriever;
 use std::path::PathBuf;
 
@@ -48,6 +48,24 @@ pub struct RankerTrainArgs {
     /// Override `ranker.train.loss`: answer_token or letters.
     #[arg(long, value_parser = parse_loss)]
     pub loss: Option<LossKind>,
+    /// A diagnostic: train on the first N examples over and over (with --max-examples repeats
+    /// in all); the loss must fall towards 0 if the gradients reach the adapter.
+    #[arg(long)]
+    pub overfit: Option<usize>,
+    /// Override `ranker.train.targets`: comma-separated projections (q_proj,k_proj,v_proj,
+    /// o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
+    pub targets: Option<Vec<Projection>>,
+    /// Override `ranker.train.r` (LoRA rank).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Override `ranker.train.alpha`.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+}
+
+fn parse_projection(s: &str) -> Result<Projection, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?} is not a projection name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"))
 }
 
 fn parse_negatives(s: &str) -> Result<NegativeKind, String> {
@@ -69,6 +87,10 @@ impl RankerTrainArgs {
         if let Some(v) = self.warmup_steps { c.warmup_steps = v }
         if let Some(v) = self.negatives { c.negatives = v }
         if let Some(v) = self.loss { c.loss = v }
+        if let Some(v) = self.overfit { c.overfit_examples = v }
+        if let Some(v) = &self.targets { c.targets = v.clone() }
+        if let Some(v) = self.rank { c.r = v }
+        if let Some(v) = self.alpha { c.alpha = v }
     }
 }
 

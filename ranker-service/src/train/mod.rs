@@ -152,6 +152,10 @@ pub struct RankerTrainConfig {
     /// How gradients are computed (an execution choice, not part of the recipe: a run may
     /// resume with another).
     pub backprop: Backprop,
+    /// A diagnostic, 0 = off: train on the first N examples of the epoch over and over, each
+    /// with the same candidates every time, so the loss must fall towards 0 if gradients reach
+    /// the adapter (the "overfit one batch" check before blaming the recipe for a flat loss).
+    pub overfit_examples: usize,
 }
 
 impl Default for RankerTrainConfig {
@@ -182,6 +186,7 @@ impl Default for RankerTrainConfig {
             val_candidates: 20,
             seed: 42,
             backprop: Backprop::Auto,
+            overfit_examples: 0,
         }
     }
 }
@@ -704,8 +709,14 @@ pub fn train(
     if order.is_empty() {
         bail!("no training prefixes of length >= {}", config.min_history);
     }
+    let overfit = config.overfit_examples.min(order.len());
     let total = if config.max_examples == 0 {
+        if overfit > 0 {
+            bail!("ranker.train.overfit_examples needs max_examples (how many repeats to run)");
+        }
         order.len()
+    } else if overfit > 0 {
+        config.max_examples
     } else {
         config.max_examples.min(order.len())
     } as u64;
@@ -858,8 +869,12 @@ pub fn train(
             break;
         }
         let t = Instant::now();
-        let prefix = order[st.examples as usize];
+        let index = if overfit > 0 { st.examples as usize % overfit } else { st.examples as usize };
+        let prefix = order[index];
         let seq = inputs.sequences[prefix.user as usize];
+        // Overfitting repeats each example with the same candidates and letters.
+        let mut repeat_rng = Rng::derived(config.seed, 10_000 + index as u64);
+        let example_rng = if overfit > 0 { &mut repeat_rng } else { &mut st.rng };
         let hard = match config.negatives {
             NegativeKind::Random => Vec::new(),
             _ => (inputs.hard_negatives)(&seq[..prefix.position as usize], config.num_candidates)?,
@@ -872,7 +887,7 @@ pub fn train(
             config.negatives,
             config.retriever_share,
             &hard,
-            &mut st.rng,
+            example_rng,
         );
         let (h, c) = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history);
         let prompt = renderer.tokenize(&renderer.render(&h, &c)?)?;
