@@ -50,13 +50,7 @@ enum Command {
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
     /// Exit 0 when the gRPC server at ADDR reports SERVING (container health probes).
-    Health {
-        /// `host:port` of any of the three services.
-        addr: String,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 3)]
-        timeout_s: u64,
-    },
+    Health(commands::health::HealthArgs),
     /// Score one history and candidate list with the ranker in this process (no server).
     Rank(commands::rank::RankArgs),
     /// Last-position letter logits of one raw prompt (to compare with another engine).
@@ -96,9 +90,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::EvalReport(args) => commands::eval_report::run(&layers, args),
         Command::Calibrate(args) => commands::calibrate::run(&layers, args),
         Command::Bench(cmd) => runtime()?.block_on(commands::bench::run(&layers, cmd)),
-        Command::Health { addr, timeout_s } => runtime()?
-            .block_on(llamarec_common::serving::wait_serving(&addr, std::time::Duration::from_secs(timeout_s)))
-            .map_err(anyhow::Error::msg),
+        Command::Health(args) => runtime()?.block_on(commands::health::run(args)),
         Command::Rank(args) => commands::rank::run(&layers, args),
         Command::ScorePrompt(args) => commands::score_prompt::run(&layers, args),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),

@@ -193,10 +193,16 @@ pub fn shared_token_auth(name: &'static str, section: &str, token: Option<&str>,
     Ok(BearerAuth::new(name, token))
 }
 
-/// A listen address reachable from other hosts without any token check: worth a warning.
-pub fn warn_if_exposed(name: &str, listen: std::net::SocketAddr, auth: &BearerAuth) {
-    if !listen.ip().is_loopback() && !auth.is_enabled() {
+/// A listen address reachable from other hosts without any token check, or with a token that
+/// crosses the network in clear: worth a warning.
+pub fn warn_if_exposed(name: &str, listen: std::net::SocketAddr, auth: &BearerAuth, tls: bool) {
+    if listen.ip().is_loopback() {
+        return;
+    }
+    if !auth.is_enabled() {
         tracing::warn!(%listen, "{name} listens beyond loopback without `auth_token`: anyone who can reach it can call it");
+    } else if !tls {
+        tracing::warn!(%listen, "{name} listens beyond loopback without `[{name}.tls]`: its `auth_token` crosses the network in clear");
     }
 }
 
@@ -278,6 +284,58 @@ pub fn client_tls(ca: &Path, domain: Option<&str>) -> anyhow::Result<tonic::tran
         config = config.domain_name(d);
     }
     Ok(config)
+}
+
+/// A client's TLS towards servers it dials (the gateway's `[gateway.backend_tls]`): the CA that
+/// signed their certificates and, for servers that require client certificates (their
+/// `client_ca`), this client's own certificate and key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// PEM CA certificate(s) the servers' certificates must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate chain presented to servers that require one (mutual TLS); with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsSettings {
+    /// `cert` and `key` come together; returns the offending key and the reason.
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => Err((format!("{prefix}key"), "`cert` is set without `key`; set both or neither".into())),
+            (None, Some(_)) => Err((format!("{prefix}cert"), "`key` is set without `cert`; set both or neither".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// tonic's client configuration, reading the files (errors name the file); the server's
+    /// certificate must name `domain` when given, else the host of the address dialled.
+    pub fn client_config(&self, domain: Option<&str>) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        let mut config = client_tls(&self.ca, domain)?;
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(tonic::transport::Identity::from_pem(read_pem("cert", cert)?, read_pem("key", key)?));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("TLS client `cert` and `key` must be set together"),
+        }
+        Ok(config)
+    }
+}
+
+/// An endpoint for `address` (`host:port`): `https` with `tls`, else plaintext `http`.
+pub fn endpoint(address: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+        .map_err(|e| anyhow::anyhow!("`{address}` is not a host:port address: {e}"))?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| anyhow::anyhow!("TLS towards {address}: {e}")),
+        None => Ok(endpoint),
+    }
 }
 
 #[cfg(test)]

@@ -13,9 +13,32 @@ use tonic::transport::server::Router;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+/// The grpc.health.v1 service as mounted (cheap to clone: clones share one status table).
+pub type HealthServer = tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+
 /// Health reporting plus the health service to mount.
-pub fn health() -> (HealthReporter, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
-    tonic_health::server::health_reporter()
+pub fn health() -> (HealthReporter, HealthServer) {
+    // `health_reporter()` hides the service type; built by hand so it can be named (and the
+    // server cloned onto a second, health-only listener).
+    let reporter = HealthReporter::new();
+    let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+    (reporter, tonic_health::pb::health_server::HealthServer::new(service))
+}
+
+/// Binds `listen` and serves only grpc.health.v1 there, in plaintext, for as long as the process
+/// runs (the status is the main listener's: NOT_SERVING while it drains). For probes that cannot
+/// speak TLS, e.g. Kubernetes' native gRPC probes, when the main listener has TLS on: this port
+/// answers nothing but SERVING / NOT_SERVING, so it needs neither TLS nor a token.
+pub async fn spawn_health_listener(listen: std::net::SocketAddr, health: HealthServer) -> anyhow::Result<()> {
+    let listener = bind(listen).await.map_err(|e| anyhow::anyhow!("health_listen: {e:#}"))?;
+    tracing::info!(%listen, "grpc.health.v1 only, plaintext");
+    tokio::spawn(async move {
+        let server = tonic::transport::Server::builder().add_service(health).serve_with_incoming(nodelay_incoming(listener));
+        if let Err(e) = server.await {
+            tracing::error!(%listen, error = %e, "health listener stopped");
+        }
+    });
+    Ok(())
 }
 
 /// The reflection service over `descriptor_set` (grpcurl and friends use it).
@@ -104,23 +127,46 @@ pub async fn serve_until(
 /// Waits until the gRPC server at `addr` (`host:port`) reports SERVING for the overall service
 /// (""), polling every 100 ms; the error says what the last attempt saw.
 pub async fn wait_serving(addr: &str, timeout: Duration) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+    wait_serving_at(addr, endpoint, timeout).await
+}
+
+/// [`wait_serving`] over a prepared endpoint (TLS, timeouts); `addr` names it in the error.
+pub async fn wait_serving_at(addr: &str, endpoint: tonic::transport::Endpoint, timeout: Duration) -> Result<(), String> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let start = std::time::Instant::now();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
     let mut last = String::from("never connected");
-    while start.elapsed() < timeout {
-        match endpoint.connect().await {
-            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                Ok(r) => last = format!("health status {}", r.get_ref().status().as_str_name()),
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
+    while let Some(left) = timeout.checked_sub(start.elapsed()).filter(|d| !d.is_zero()) {
+        // Bounded by what is left, so that a handshake that never completes (TLS against a
+        // plaintext port, or the reverse) cannot outlast `timeout`.
+        let attempt = async {
+            let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+            HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map_err(|e| error_chain(&e))
+        };
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+            Ok(Ok(r)) => last = format!("health status {}", r.get_ref().status().as_str_name()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no answer (a TLS client against a plaintext port, or the reverse?)".into(),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("{addr} not SERVING after {timeout:?}: {last}"))
+}
+
+/// An error and its causes on one line ("transport error: invalid peer certificate: ...").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// How long the runtime waits for its tasks when `serve` has returned.

@@ -20,6 +20,11 @@ pub enum StoreConfig {
         url: String,
         /// Key prefix, so several deployments can share one Redis.
         prefix: String,
+        /// A file holding the Redis password (`requirepass`; e.g. a mounted Kubernetes Secret),
+        /// so that the password stays out of `url` and the config file. Trimmed; giving a
+        /// password in `url` as well is an error.
+        #[serde(default)]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -45,6 +50,37 @@ pub struct RankerEndpoints {
 impl Default for RankerEndpoints {
     fn default() -> Self {
         Self { addresses: vec!["127.0.0.1:50052".into()], dns: None, resolve_interval_ms: 5_000, eject_ms: 2_000, max_in_flight_per_endpoint: 32 }
+    }
+}
+
+/// `[gateway.backend_tls]`: TLS on the gateway's calls to the retriever and the rankers (their
+/// `[retriever.tls]` / `[ranker.tls]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// PEM CA certificate(s) the backends' certificates must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate chain for backends that require client certificates (their
+    /// `client_ca`); with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Name the retriever's certificate must carry; default: the host of `[gateway] retriever`.
+    #[serde(default)]
+    pub retriever_domain: Option<String>,
+    /// Name every ranker's certificate must carry. Needed with `[gateway.rankers] dns`: the
+    /// gateway dials the pod addresses the name resolves to, which no certificate names (e.g.
+    /// "ranker.llamarec.svc"); default: the host of each ranker address.
+    #[serde(default)]
+    pub ranker_domain: Option<String>,
+}
+
+impl BackendTls {
+    /// The client settings shared by both links.
+    pub fn settings(&self) -> llamarec_common::auth::ClientTlsSettings {
+        llamarec_common::auth::ClientTlsSettings { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
     }
 }
 
@@ -230,6 +266,12 @@ pub struct GatewayConfig {
     pub backend_token: Option<String>,
     /// A file holding `backend_token` (e.g. a mounted Kubernetes Secret).
     pub backend_token_file: Option<PathBuf>,
+    /// TLS towards the retriever and the rankers (`[gateway.backend_tls]`); absent: plaintext.
+    pub backend_tls: Option<BackendTls>,
+    /// A second, plaintext listener serving only grpc.health.v1, for probes that cannot speak
+    /// TLS (Kubernetes' native gRPC probes) while `[gateway.tls]` is on. None: health only on
+    /// `listen`.
+    pub health_listen: Option<SocketAddr>,
     /// Traffic capture (`[gateway.traffic]`): a sampled share of Recommend requests as JSON lines.
     pub traffic: TrafficConfig,
     /// Event-loop threads of the gateway's runtime; 0: one per core. On a machine it shares with
@@ -277,6 +319,8 @@ impl Default for GatewayConfig {
             auth: llamarec_common::auth::AuthConfig::default(),
             backend_token: None,
             backend_token_file: None,
+            backend_tls: None,
+            health_listen: None,
             traffic: TrafficConfig::default(),
             worker_threads: 0,
             retrieve_batching: Default::default(),
@@ -351,9 +395,32 @@ impl Section for GatewayConfig {
         if let Some(t) = &self.backend_token {
             llamarec_common::auth::check_token(t).map_err(|e| ("backend_token".to_string(), e))?;
         }
+        if let Some(tls) = &self.backend_tls {
+            tls.settings().validate("backend_tls.")?;
+            for (key, domain) in [("backend_tls.retriever_domain", &tls.retriever_domain), ("backend_tls.ranker_domain", &tls.ranker_domain)] {
+                if domain.as_deref().is_some_and(|d| d.is_empty() || d.contains([':', '/', ' '])) {
+                    return err(key, "must be a DNS name (no port, scheme or spaces)");
+                }
+            }
+        }
+        if self.health_listen == Some(self.listen) {
+            return err("health_listen", "must differ from `listen` (it is a second listener)");
+        }
+        if let StoreConfig::Redis { url, password_file: Some(_), .. } = &self.store {
+            if redis_url_has_password(url) {
+                return err("store.password_file", "`store.url` already carries a password; keep it in one place");
+            }
+        }
         self.traffic.validate()?;
         Ok(())
     }
+}
+
+/// Whether a `redis://[user][:password]@host` URL carries a password.
+fn redis_url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 #[cfg(test)]

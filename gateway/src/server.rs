@@ -18,7 +18,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 
 /// The configured store, keeping the newest `max_history` events per user.
@@ -27,10 +26,30 @@ async fn open_store(config: &StoreConfig, max_history: usize) -> anyhow::Result<
         StoreConfig::Embedded { path } => {
             AnyStore::Embedded(EmbeddedStore::open(path).with_context(|| format!("opening {}", path.display()))?.with_max_history(max_history))
         }
-        StoreConfig::Redis { url, prefix } => {
-            AnyStore::Redis(RedisStore::connect(url, prefix).await.with_context(|| format!("connecting to {url}"))?.with_max_history(max_history))
+        StoreConfig::Redis { url, prefix, password_file } => {
+            let password = match password_file {
+                Some(path) => Some(redis_password(path)?),
+                None => None,
+            };
+            AnyStore::Redis(
+                RedisStore::connect_with_password(url, prefix, password.as_deref())
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?
+                    .with_max_history(max_history),
+            )
         }
     })
+}
+
+/// The Redis password in `path` (trimmed, as Kubernetes mounts a Secret); an empty file is an
+/// error rather than "no password", for the same reason an empty tokens file is.
+fn redis_password(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("gateway.store.password_file: reading {}", path.display()))?;
+    let password = text.trim();
+    if password.is_empty() {
+        anyhow::bail!("gateway.store.password_file: {} is empty; refusing to connect to Redis without the password", path.display());
+    }
+    Ok(password.to_string())
 }
 
 /// The data set's train + validation items per user: what a user "has seen" before the test
@@ -65,6 +84,13 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     config.backend_token = auth::resolve_secret("gateway.backend_token", config.backend_token.as_deref(), config.backend_token_file.as_deref())?;
     let bearer = config.auth.build("gateway").context("gateway.auth")?;
     let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("gateway.tls")?;
+    let (retriever_tls, ranker_tls) = match &config.backend_tls {
+        Some(b) => (
+            Some(b.settings().client_config(b.retriever_domain.as_deref()).context("gateway.backend_tls")?),
+            Some(b.settings().client_config(b.ranker_domain.as_deref()).context("gateway.backend_tls")?),
+        ),
+        None => (None, None),
+    };
     let config = Arc::new(config);
     let assets = layers.section::<AssetsConfig>()?;
     let data = layers.section::<DataConfig>()?;
@@ -82,11 +108,15 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         Arc::new(UserHistoryCache::new(store, config.cache_bytes, Duration::from_millis(config.cache_ttl_ms)).with_resolver(move |id| resolver.index_of(id)));
 
     let retriever = RetrieverClient::new(
-        Endpoint::from_shared(format!("http://{}", config.retriever))?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy(),
+        auth::endpoint(&config.retriever, retriever_tls.as_ref())
+            .context("gateway.retriever")?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy(),
     )
     .max_decoding_message_size(config.max_message_bytes);
     let retriever = Retriever::new(RetrieverCalls::new(retriever, config.backend_token.clone(), &config.retrieve_batching), catalog.clone(), &config);
-    let rankers = RankerPool::new(&config.rankers)?;
+    let rankers = RankerPool::new(&config.rankers, ranker_tls)?;
     if let Some(dns) = config.rankers.dns.clone() {
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
     }
@@ -101,6 +131,9 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let ranker = Arc::new(Ranker::new(rankers, catalog.clone(), &config));
     let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker).with_traffic(traffic).with_shadow(shadow).with_fallback(fallback);
     let (health, health_service) = serving::health();
+    if let Some(addr) = config.health_listen {
+        serving::spawn_health_listener(addr, health_service.clone()).await.context("gateway.health_listen")?;
+    }
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<GatewayServer<GatewayService<AnyStore>>>().await;
     let mut builder = tonic::transport::Server::builder();
@@ -116,6 +149,8 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         tls = config.tls.is_some(),
         mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         bearer_auth = bearer.is_enabled(),
+        backend_tls = config.backend_tls.is_some(),
+        backend_token = config.backend_token.is_some(),
         "gateway access"
     );
     tracing::info!(

@@ -203,9 +203,14 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let bearer = auth::shared_token_auth("ranker", "ranker", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
-    auth::warn_if_exposed("ranker", listener.local_addr()?, &bearer);
+    // TLS files are read before the model loads, so a bad path stops the start at once.
+    let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("ranker.tls")?;
+    auth::warn_if_exposed("ranker", listener.local_addr()?, &bearer, tls.is_some());
     let (health, health_service) = serving::health();
     service::set_serving(&health, false).await;
+    if let Some(addr) = config.health_listen {
+        serving::spawn_health_listener(addr, health_service.clone()).await.context("ranker.health_listen")?;
+    }
     if let Some(addr) = config.metrics_listen {
         crate::metrics::install_prometheus(addr)
             .with_context(|| format!("metrics listener on {addr}"))?;
@@ -215,13 +220,19 @@ pub async fn run_with(
     let version = loaded.info.version.clone();
     let limits = service::RequestLimits::new(&config, loaded.ranker.renderer().template().letters.len());
     let service = RankerService::new(loaded.ranker, loaded.queue, loaded.info, health.clone()).with_limits(limits);
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("ranker.tls")?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
         .add_service(bearer.wrap(RankerServer::new(service).max_decoding_message_size(config.max_message_bytes)));
     service::set_serving(&health, true).await;
     tracing::info!(
         listen = %listener.local_addr()?,
+        tls = config.tls.is_some(),
+        bearer_auth = bearer.is_enabled(),
         model = %version.name,
         version = %version.version,
         template = %config.template,

@@ -62,6 +62,13 @@ pub struct RankerServiceConfig {
     pub auth_token: Option<String>,
     /// A file holding `auth_token` (e.g. a mounted Kubernetes Secret).
     pub auth_token_file: Option<PathBuf>,
+    /// TLS on the listener (`[ranker.tls]`: cert, key, optional client_ca to require client
+    /// certificates), so that the gateway's token and the histories do not cross the network
+    /// in clear; the gateway then dials it with `[gateway.backend_tls]`. Absent: plaintext.
+    pub tls: Option<llamarec_common::auth::TlsConfig>,
+    /// A second, plaintext listener serving only grpc.health.v1, for probes that cannot speak
+    /// TLS (Kubernetes' native gRPC probes). None: health only on `listen`.
+    pub health_listen: Option<SocketAddr>,
     /// On SIGTERM: health goes NOT_SERVING, the listener closes, queued and computing requests
     /// get this long to finish before the process exits anyway.
     pub shutdown_grace_ms: u64,
@@ -96,6 +103,8 @@ impl Default for RankerServiceConfig {
             max_message_bytes: 4 << 20,
             auth_token: None,
             auth_token_file: None,
+            tls: None,
+            health_listen: None,
             shutdown_grace_ms: 10_000,
             train: crate::train::RankerTrainConfig::default(),
         }
@@ -195,6 +204,9 @@ impl Section for RankerServiceConfig {
             if let Err(e) = llamarec_common::auth::check_token(t) {
                 return err("auth_token", e);
             }
+        }
+        if self.health_listen == Some(self.listen) {
+            return err("health_listen", "must differ from `listen` (it is a second listener)".into());
         }
         if self.max_prompt_tokens == Some(0) {
             return err("max_prompt_tokens", "must be at least 1".into());

@@ -66,9 +66,14 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
 /// [`run`] with the section already read (the benchmark adjusts it first).
 pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let bearer = auth::shared_token_auth("retriever", "retriever", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
-    auth::warn_if_exposed("retriever", listener.local_addr()?, &bearer);
+    // TLS files are read before the checkpoint loads, so a bad path stops the start at once.
+    let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("retriever.tls")?;
+    auth::warn_if_exposed("retriever", listener.local_addr()?, &bearer, tls.is_some());
     let (health, health_service) = serving::health();
     health.set_service_status("", ServingStatus::NotServing).await;
+    if let Some(addr) = config.health_listen {
+        serving::spawn_health_listener(addr, health_service.clone()).await.context("retriever.health_listen")?;
+    }
     let checkpoint = config.checkpoint.clone();
     let (retriever, info) = tokio::task::spawn_blocking(move || load_and_warm_up(&checkpoint)).await??;
     if let Some(addr) = config.metrics_listen {
@@ -77,7 +82,11 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     let num_items = retriever.catalog().num_items();
     let retriever = retriever.with_state_cache(config.state_cache_bytes);
     let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("retriever.tls")?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(bearer.wrap(serving::reflection(llamarec_proto::FILE_DESCRIPTOR_SET)?))
         .add_service(bearer.wrap(RetrieverServer::new(service).max_decoding_message_size(config.max_message_bytes)));
@@ -85,6 +94,8 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     health.set_serving::<RetrieverServer<RetrieverService>>().await;
     tracing::info!(
         listen = %listener.local_addr()?,
+        tls = config.tls.is_some(),
+        bearer_auth = bearer.is_enabled(),
         checkpoint = %config.checkpoint.display(),
         version = %info.version.version,
         items = num_items,

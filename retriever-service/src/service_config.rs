@@ -47,6 +47,13 @@ pub struct RetrieverServiceConfig {
     pub auth_token: Option<String>,
     /// A file holding `auth_token` (e.g. a mounted Kubernetes Secret).
     pub auth_token_file: Option<PathBuf>,
+    /// TLS on the listener (`[retriever.tls]`: cert, key, optional client_ca to require client
+    /// certificates), so that the gateway's token and the histories do not cross the network
+    /// in clear; the gateway then dials it with `[gateway.backend_tls]`. Absent: plaintext.
+    pub tls: Option<llamarec_common::auth::TlsConfig>,
+    /// A second, plaintext listener serving only grpc.health.v1, for probes that cannot speak
+    /// TLS (Kubernetes' native gRPC probes). None: health only on `listen`.
+    pub health_listen: Option<SocketAddr>,
     /// Training recipe for `llamarec train retriever`.
     pub train: TrainConfig,
 }
@@ -68,6 +75,8 @@ impl Default for RetrieverServiceConfig {
             max_message_bytes: 4 << 20,
             auth_token: None,
             auth_token_file: None,
+            tls: None,
+            health_listen: None,
             train: TrainConfig::default(),
         }
     }
@@ -98,6 +107,9 @@ impl Section for RetrieverServiceConfig {
         }
         if let Some(t) = &self.auth_token {
             llamarec_common::auth::check_token(t).map_err(|e| ("auth_token".to_string(), e))?;
+        }
+        if self.health_listen == Some(self.listen) {
+            return err("health_listen", "must differ from `listen` (it is a second listener)");
         }
         if self.train.batch_size == 0 {
             return err("train.batch_size", "must be at least 1");

@@ -1,11 +1,17 @@
 //! Access control with real processes: a gateway with TLS (a self-signed certificate made here
 //! with rcgen) and bearer tokens from a file, in front of a retriever that requires a shared
-//! token from the gateway; a second, plaintext gateway without that token. No ranker is started
-//! (skip_ranker).
+//! token from the gateway; a second, plaintext gateway without that token (no ranker:
+//! skip_ranker). Then the backend links themselves over TLS: retriever and ranker serving TLS
+//! with a certificate from a CA made here, the gateway dialling both with
+//! `[gateway.backend_tls]` and ranking through them, plaintext clients refused, and health
+//! answered over TLS (`llamarec health --tls-ca`) and on the plaintext `health_listen` port.
 
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{RecommendOptions, RecommendRequest, RetrieveRequest};
+use llamarec_proto::v1::ranker_client::RankerClient;
+use llamarec_proto::v1::RankRequest;
+use llamarec_tests::setup::{self, Addrs, Extra, Store};
 use llamarec_tests::{binary, free_port, repo_root, wait_serving, Process};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -154,6 +160,13 @@ async fn tls_tokens_and_the_shared_backend_token() {
     assert!(refused.message().contains("backend_token"), "{}", refused.message());
     assert!(refused.message().contains("retriever"), "{}", refused.message());
 
+    // `llamarec health` (the Docker HEALTHCHECK) speaks TLS with --tls-ca; in plaintext it
+    // fails against the TLS port, with the address in the message.
+    let (ok, stderr) = cli_health(&secure, &["--tls-ca", &cert_path, "--tls-domain", "localhost"]);
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = cli_health(&secure, &[]);
+    assert!(!ok && stderr.contains(&secure), "{stderr}");
+
     // The CLI: --tls-ca and --token reach the secure gateway; without the token it fails.
     let cli = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(binary("llamarec"));
@@ -173,4 +186,147 @@ async fn tls_tokens_and_the_shared_backend_token() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Recommend failed") && stderr.contains("authorization: Bearer <token>"), "{stderr}");
+}
+
+/// A CA and one server certificate it signed, for "localhost" only (not 127.0.0.1: the gateway
+/// must name the backends with `retriever_domain` / `ranker_domain`, as it must in Kubernetes
+/// where it dials pod addresses), usable as a client certificate too.
+struct BackendPki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn backend_pki() -> BackendPki {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "llamarec test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf_key = KeyPair::generate().unwrap();
+    let cert_pem = leaf.signed_by(&leaf_key, &issuer).unwrap().pem();
+    BackendPki { ca_pem, cert_pem, key_pem: leaf_key.serialize_pem() }
+}
+
+/// `llamarec health ADDR` with extra arguments: (success, stderr).
+fn cli_health(addr: &str, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(binary("llamarec"))
+        .args(["health", addr, "--timeout-s", "3"])
+        .args(extra)
+        .current_dir(repo_root())
+        .env_remove("LLAMAREC_TLS_CA")
+        .env_remove("LLAMAREC_TLS_DOMAIN")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Health over plaintext on `addr`: SERVING or the last error, within a few seconds.
+async fn plaintext_health(addr: &str) -> Result<i32, String> {
+    let call = async {
+        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_timeout(Duration::from_secs(2)).connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        let r = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
+        Ok(r.into_inner().status)
+    };
+    tokio::time::timeout(Duration::from_secs(5), call).await.unwrap_or_else(|_| Err("no answer in 5 s".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_ranks_through_tls_backends_and_plaintext_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = backend_pki();
+    let ca = write(d, "ca.pem", &pki.ca_pem);
+    let cert = write(d, "backend.pem", &pki.cert_pem);
+    let key = write(d, "backend.key", &pki.key_pem);
+    let token = write(d, "backend-token", &format!("{BACKEND_TOKEN}\n"));
+    let (retriever_health, ranker_health) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+
+    let addrs = Addrs::new();
+    // Both backends: TLS that also requires a client certificate from the same CA (mutual TLS),
+    // the shared token, and a plaintext health-only port.
+    let backend = |health: &str| {
+        format!("auth_token_file = \"{token}\"\nhealth_listen = \"{health}\"\n[TABLE.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\n")
+    };
+    let retriever_extra = backend(&retriever_health).replace("TABLE", "retriever");
+    let ranker_extra = backend(&ranker_health).replace("TABLE", "ranker");
+    let gateway_extra = format!(
+        "backend_token_file = \"{token}\"\n[gateway.backend_tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nretriever_domain = \"localhost\"\nranker_domain = \"localhost\"\n"
+    );
+    let extra = Extra {
+        log_level: Some("warn"),
+        retriever: &retriever_extra,
+        ranker: &ranker_extra,
+        gateway: &gateway_extra,
+        ranker_weight: Some(0.5),
+        ..Default::default()
+    };
+    let config = setup::write_config(d, &addrs, &[&addrs.ranker], &Store::Embedded, &extra);
+    let _retriever = setup::start("retriever", &config);
+    let _ranker = setup::start("ranker", &config);
+    let _gateway = setup::start("gateway", &config);
+
+    // The health-only ports answer in plaintext (what Kubernetes' gRPC probes use), and the
+    // gateway itself is plaintext here.
+    wait_serving(&retriever_health, Duration::from_secs(60)).await.unwrap();
+    wait_serving(&ranker_health, Duration::from_secs(180)).await.unwrap();
+    wait_serving(&addrs.gateway, Duration::from_secs(60)).await.unwrap();
+
+    // Ranked through both TLS links: the ranker's scores are in the answer, nothing degraded.
+    let mut client = GatewayClient::connect(format!("http://{}", addrs.gateway)).await.unwrap();
+    let mut request = recommend(None);
+    request.get_mut().options = Some(RecommendOptions { num_candidates: 0, skip_ranker: false });
+    let r = client.recommend(request).await.unwrap().into_inner();
+    assert!(!r.degraded, "{:?}: {}", r.degraded_reason(), r.degraded_detail);
+    assert_eq!(r.items.len(), 5);
+    assert!(r.ranker_model.is_some(), "the ranker answered");
+    assert!(r.items.iter().all(|i| i.ranker_log_prob.is_some()), "every item carries its ranker score");
+    assert!(r.history_length > 0);
+
+    // Plaintext clients are refused by both TLS listeners, even with the right token.
+    for addr in [&addrs.retriever, &addrs.ranker] {
+        let plain = plaintext_health(addr).await;
+        assert!(plain.is_err(), "plaintext against the TLS port {addr} answered: {plain:?}");
+    }
+    let plain_rank = async {
+        let mut ranker = RankerClient::connect(format!("http://{}", addrs.ranker)).await.map_err(|e| e.to_string())?;
+        let mut rank = tonic::Request::new(RankRequest { history_titles: vec!["Toy Story (1995)".into()], candidate_titles: vec!["Heat (1995)".into()] });
+        llamarec_common::auth::set_bearer(rank.metadata_mut(), Some(BACKEND_TOKEN));
+        rank.set_timeout(Duration::from_secs(5));
+        ranker.rank(rank).await.map_err(|e| e.to_string())
+    };
+    let plain_rank = tokio::time::timeout(Duration::from_secs(10), plain_rank).await.unwrap_or_else(|_| Err("no answer".into()));
+    assert!(plain_rank.is_err(), "a plaintext Rank call was served: {plain_rank:?}");
+
+    // A TLS client with the CA but without a client certificate is refused too (client_ca).
+    let no_identity = async {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca_pem)).domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://{}", addrs.retriever)).unwrap().tls_config(tls).unwrap().connect().await.map_err(|e| format!("{e:?}"))?;
+        let mut r = tonic::Request::new(RetrieveRequest { history: vec!["1".into()], k: 5, ..Default::default() });
+        llamarec_common::auth::set_bearer(r.metadata_mut(), Some(BACKEND_TOKEN));
+        RetrieverClient::new(channel).retrieve(r).await.map_err(|e| e.to_string())
+    };
+    let no_identity = tokio::time::timeout(Duration::from_secs(10), no_identity).await.unwrap_or_else(|_| Err("no answer".into()));
+    assert!(no_identity.is_err(), "a TLS client without a certificate was served: {no_identity:?}");
+
+    // The health-only port serves health and nothing else: no Rank there, token or not.
+    let mut on_health_port = RankerClient::connect(format!("http://{ranker_health}")).await.unwrap();
+    let mut rank = tonic::Request::new(RankRequest { history_titles: vec![], candidate_titles: vec!["Heat (1995)".into()] });
+    llamarec_common::auth::set_bearer(rank.metadata_mut(), Some(BACKEND_TOKEN));
+    assert_eq!(on_health_port.rank(rank).await.unwrap_err().code(), Code::Unimplemented);
+
+    // `llamarec health` in plaintext fails against a TLS listener and succeeds on the
+    // health-only port. (Over TLS it is in the first test: these backends also want a client
+    // certificate, which the CLI does not present.)
+    let (ok, stderr) = cli_health(&addrs.ranker, &[]);
+    assert!(!ok, "plaintext `llamarec health` against a TLS listener succeeded");
+    assert!(stderr.contains(&addrs.ranker), "{stderr}");
+    let (ok, stderr) = cli_health(&ranker_health, &[]);
+    assert!(ok, "{stderr}");
 }

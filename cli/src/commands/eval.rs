@@ -39,6 +39,9 @@ pub struct EvalArgs {
     /// Candidates ranked by the LLM.
     #[arg(long, default_value_t = 20)]
     candidates: u32,
+    /// Token and TLS for `--via-gateway`.
+    #[command(flatten)]
+    access: super::gateway_access::GatewayAccess,
 }
 
 pub fn write_report(report: &EvalReport, json: Option<&PathBuf>) -> Result<()> {
@@ -75,7 +78,9 @@ pub async fn run(layers: &ConfigLayers, args: EvalArgs) -> Result<()> {
 /// others: the same metrics at a fraction of the cost.
 async fn via_gateway(dataset: &Dataset, args: &EvalArgs, addr: &str) -> Result<EvalReport> {
     let start = Instant::now();
-    let mut client = GatewayClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to the gateway at {addr}"))?;
+    let bearer = args.access.bearer()?;
+    let channel = args.access.endpoint(addr)?.connect().await.with_context(|| format!("connecting to the gateway at {addr}"))?;
+    let mut client = GatewayClient::new(channel);
     let examples: Vec<_> = dataset.eval_examples(args.split).take(args.sample.unwrap_or(usize::MAX)).collect();
     let mut acc = TwoStageAccumulator::default();
     let retriever_only = args.stage == Stage::Retriever;
@@ -92,6 +97,9 @@ async fn via_gateway(dataset: &Dataset, args: &EvalArgs, addr: &str) -> Result<E
                 options: Some(RecommendOptions { num_candidates: args.candidates, skip_ranker }),
             });
             request.set_timeout(Duration::from_secs(60));
+            if let Some(value) = &bearer {
+                request.metadata_mut().insert(llamarec_common::auth::AUTHORIZATION, value.clone());
+            }
             request
         };
         let first = client.recommend(call(true)).await.map_err(|s| anyhow::anyhow!("Recommend: {}: {}", s.code(), s.message()))?.into_inner();

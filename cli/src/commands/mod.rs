@@ -8,6 +8,8 @@ pub mod eval_report;
 pub mod eval_retriever;
 pub mod eval_two_stage;
 pub mod fetch;
+pub mod gateway_access;
+pub mod health;
 pub mod json;
 pub mod learning_curve;
 pub mod rank;

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{InlineHistory, RecommendOptions, RecommendRequest};
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -32,25 +31,14 @@ pub struct RecommendArgs {
     /// Print the response as JSON.
     #[arg(long)]
     json: bool,
-    /// Bearer token for a gateway with `[gateway.auth]` (sent as `authorization: Bearer ...`).
-    #[arg(long, env = "LLAMAREC_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Connect with TLS, trusting this PEM CA certificate (the gateway's `[gateway.tls]`).
-    #[arg(long, env = "LLAMAREC_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Server name the gateway's certificate must carry (default: the address's host).
-    #[arg(long, requires = "tls_ca")]
-    tls_domain: Option<String>,
+    #[command(flatten)]
+    access: super::gateway_access::GatewayAccess,
 }
 
-/// A channel to the gateway: plaintext, or TLS trusting `tls_ca`.
+/// A channel to the gateway: plaintext, or TLS trusting `--tls-ca`.
 async fn connect(args: &RecommendArgs) -> Result<tonic::transport::Channel> {
     let hint = || format!("connecting to the gateway at {} (is `llamarec up` running?)", args.gateway);
-    let Some(ca) = &args.tls_ca else {
-        return tonic::transport::Endpoint::from_shared(format!("http://{}", args.gateway))?.connect().await.with_context(hint);
-    };
-    let tls = llamarec_common::auth::client_tls(ca, args.tls_domain.as_deref())?;
-    tonic::transport::Endpoint::from_shared(format!("https://{}", args.gateway))?.tls_config(tls)?.connect().await.with_context(hint)
+    args.access.endpoint(&args.gateway)?.connect().await.with_context(hint)
 }
 
 pub async fn run(args: RecommendArgs) -> Result<()> {
@@ -63,10 +51,7 @@ pub async fn run(args: RecommendArgs) -> Result<()> {
         options: Some(RecommendOptions { num_candidates: args.candidates, skip_ranker: args.skip_ranker }),
     });
     request.set_timeout(Duration::from_millis(args.deadline_ms));
-    if let Some(token) = &args.token {
-        let value = llamarec_common::auth::bearer_value(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-        request.metadata_mut().insert(llamarec_common::auth::AUTHORIZATION, value);
-    }
+    args.access.authorize(&mut request)?;
     let response = client.recommend(request).await.map_err(|s| anyhow::anyhow!("Recommend failed: {}: {}", s.code(), s.message()))?.into_inner();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&crate::commands::json::recommend_response(&response))?);

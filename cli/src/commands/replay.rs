@@ -51,6 +51,8 @@ pub struct ReplayArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    access: super::gateway_access::GatewayAccess,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -82,6 +84,8 @@ pub async fn run(layers: &ConfigLayers, args: ReplayArgs) -> Result<()> {
         schedule,
         max_outstanding: args.max_outstanding.max(1),
         deadline: args.deadline_ms.map(Duration::from_millis),
+        tls: args.access.tls()?,
+        bearer: args.access.bearer()?,
     };
     eprintln!("{} requests from {}", traffic.len(), args.traffic.display());
     let report = run_with_progress(&traffic, &options, Arc::new(Progress::default())).await?;

@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// Error key of a request refused because `max_outstanding` were already in flight.
 pub const OUTSTANDING_LIMIT: &str = "ClientOutstandingLimit";
@@ -39,6 +40,10 @@ pub struct ReplayOptions {
     /// gRPC deadline of every request; `None` keeps each record's (and the gateway's default
     /// where the record has none).
     pub deadline: Option<Duration>,
+    /// TLS towards the gateway (`[gateway.tls]`); `None`: plaintext.
+    pub tls: Option<ClientTlsConfig>,
+    /// `authorization` sent with every request (`[gateway.auth]`).
+    pub bearer: Option<AsciiMetadataValue>,
 }
 
 /// Live counters, for a progress line or for a test watching the load.
@@ -65,12 +70,12 @@ struct Tally {
     degraded: BTreeMap<String, u64>,
 }
 
-/// Opens `n` connections to `addr`.
-pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `n` connections to `addr`, with TLS when `tls` is given.
+pub async fn connect(addr: &str, n: usize, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Vec<Channel>> {
     use anyhow::Context;
     let mut channels = Vec::with_capacity(n.max(1));
     for _ in 0..n.max(1) {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect_timeout(Duration::from_secs(5));
+        let endpoint = llamarec_common::auth::endpoint(addr, tls)?.tcp_nodelay(true).connect_timeout(Duration::from_secs(5));
         channels.push(endpoint.connect().await.with_context(|| format!("connecting to the gateway at {addr}"))?);
     }
     Ok(channels)
@@ -80,7 +85,7 @@ pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
 /// request has been answered, failed or refused.
 pub async fn run(traffic: &[TrafficRecord], options: &ReplayOptions, progress: Arc<Progress>) -> anyhow::Result<Report> {
     let plan = plan(traffic, &options.schedule)?;
-    let channels = connect(&options.gateway, options.connections).await?;
+    let channels = connect(&options.gateway, options.connections, options.tls.as_ref()).await?;
     let requests: Arc<Vec<TrafficRecord>> = Arc::new(traffic.to_vec());
     let tally = Arc::new(Mutex::new(Tally { latency: Some(histogram()), ..Default::default() }));
     let mut lag = histogram();
@@ -107,10 +112,14 @@ pub async fn run(traffic: &[TrafficRecord], options: &ReplayOptions, progress: A
         let mut client = GatewayClient::new(channels[n % channels.len()].clone());
         let (requests, tally, progress) = (requests.clone(), tally.clone(), progress.clone());
         let deadline = options.deadline.or(requests[index].deadline_ms.map(Duration::from_millis));
+        let bearer = options.bearer.clone();
         tasks.spawn(async move {
             let mut request = tonic::Request::new(requests[index].to_request());
             if let Some(d) = deadline {
                 request.set_timeout(d);
+            }
+            if let Some(value) = bearer {
+                request.metadata_mut().insert(llamarec_common::auth::AUTHORIZATION, value);
             }
             // A client-side cap, so a gateway that never answers cannot hang the replay.
             let cap = deadline.unwrap_or(Duration::from_secs(60)) + Duration::from_secs(1);
@@ -237,6 +246,8 @@ mod tests {
             schedule: Schedule::Recorded { speed: 50.0 },
             max_outstanding: 4,
             deadline: Some(Duration::from_secs(30)),
+            tls: None,
+            bearer: None,
         };
         let progress = Arc::new(Progress::default());
         let watch = {

@@ -41,7 +41,19 @@ fn decode(s: &str) -> Option<StoredEvent> {
 impl RedisStore {
     /// Connects to `url`; the connection manager reconnects by itself after Redis restarts.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_with_password(url, prefix, None).await
+    }
+
+    /// [`connect`](Self::connect), authenticating with `password` (Redis `requirepass`) when
+    /// given, so that the password need not be written into the URL.
+    pub async fn connect_with_password(url: &str, prefix: &str, password: Option<&str>) -> Result<Self, StoreError> {
+        use redis::IntoConnectionInfo;
+        let mut info = url.into_connection_info().map_err(unavailable)?;
+        if let Some(password) = password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(unavailable)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))

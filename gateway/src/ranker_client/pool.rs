@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// One ranker pod.
 pub struct RankerEndpoint {
@@ -67,10 +67,12 @@ pub struct RankerPool {
     eject: Duration,
     /// Most requests in flight to one endpoint.
     limit: usize,
+    /// TLS towards every endpoint (`[gateway.backend_tls]`), or plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
-fn connect_lazy(address: &str) -> Result<RankerClient<Channel>, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(format!("http://{address}"))?
+fn connect_lazy(address: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<RankerClient<Channel>> {
+    let channel = llamarec_common::auth::endpoint(address, tls)?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -80,20 +82,22 @@ fn connect_lazy(address: &str) -> Result<RankerClient<Channel>, tonic::transport
 }
 
 impl RankerPool {
-    /// A pool over the static addresses (DNS refresh is started separately).
-    pub fn new(config: &RankerEndpoints) -> Result<Arc<Self>, tonic::transport::Error> {
+    /// A pool over the static addresses (DNS refresh is started separately), dialled with
+    /// `tls` when given.
+    pub fn new(config: &RankerEndpoints, tls: Option<ClientTlsConfig>) -> anyhow::Result<Arc<Self>> {
         let pool = Arc::new(Self {
             endpoints: RwLock::new(Vec::new()),
             epoch: Instant::now(),
             eject: Duration::from_millis(config.eject_ms),
             limit: config.max_in_flight_per_endpoint.max(1),
+            tls,
         });
         pool.set_addresses(config.addresses.iter().cloned().collect())?;
         Ok(pool)
     }
 
     /// Replaces the endpoint set, keeping existing endpoints (and their connections) that stay.
-    pub fn set_addresses(&self, addresses: BTreeSet<String>) -> Result<(), tonic::transport::Error> {
+    pub fn set_addresses(&self, addresses: BTreeSet<String>) -> anyhow::Result<()> {
         let current = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut next = Vec::with_capacity(addresses.len());
         for address in addresses {
@@ -102,7 +106,7 @@ impl RankerPool {
                 None => {
                     tracing::info!(%address, "ranker endpoint added");
                     next.push(Arc::new(RankerEndpoint {
-                        client: connect_lazy(&address)?,
+                        client: connect_lazy(&address, self.tls.as_ref())?,
                         address,
                         in_flight: AtomicUsize::new(0),
                         ejected_until_ms: AtomicU64::new(0),
@@ -196,7 +200,7 @@ mod tests {
     use super::*;
 
     fn pool(addrs: &[&str]) -> Arc<RankerPool> {
-        RankerPool::new(&RankerEndpoints { addresses: addrs.iter().map(|s| s.to_string()).collect(), ..Default::default() }).unwrap()
+        RankerPool::new(&RankerEndpoints { addresses: addrs.iter().map(|s| s.to_string()).collect(), ..Default::default() }, None).unwrap()
     }
 
     #[tokio::test]
@@ -248,7 +252,7 @@ mod tests {
             addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             max_in_flight_per_endpoint: 2,
             ..Default::default()
-        })
+        }, None)
         .unwrap();
         let held: Vec<Lease> = (0..4).map(|_| p.pick().unwrap()).collect();
         assert_eq!(held.iter().filter(|l| l.address() == "127.0.0.1:1").count(), 2);
@@ -257,7 +261,7 @@ mod tests {
         assert!(p.pick().is_ok(), "places are given back when leases drop");
 
         // Concurrent picks never overshoot the limit.
-        let p = RankerPool::new(&RankerEndpoints { addresses: vec!["127.0.0.1:1".into()], max_in_flight_per_endpoint: 3, ..Default::default() }).unwrap();
+        let p = RankerPool::new(&RankerEndpoints { addresses: vec!["127.0.0.1:1".into()], max_in_flight_per_endpoint: 3, ..Default::default() }, None).unwrap();
         let leases: Vec<Option<Lease>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..16).map(|_| s.spawn(|| p.pick().ok())).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()

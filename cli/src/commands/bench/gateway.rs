@@ -19,6 +19,7 @@ use llamarec_proto::v1::{GetHistoryRequest, RankRequest, RecommendOptions, Recom
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
@@ -38,14 +39,28 @@ pub struct GatewayBenchArgs {
     /// Duration of the throughput measurement, seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Token and TLS towards the gateway (the ranker is dialled as the local config says:
+    /// plaintext, `[gateway] backend_token`).
+    #[command(flatten)]
+    access: crate::commands::gateway_access::GatewayAccess,
 }
 
-async fn connect(addr: &str) -> Result<Channel> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await.with_context(|| format!("connecting to {addr}"))
+async fn connect(endpoint: tonic::transport::Endpoint, addr: &str) -> Result<Channel> {
+    endpoint.tcp_nodelay(true).connect().await.with_context(|| format!("connecting to {addr}"))
 }
 
-fn recommend(user: &str, skip_ranker: bool) -> RecommendRequest {
-    RecommendRequest { user_id: user.into(), k: 10, options: Some(RecommendOptions { num_candidates: 20, skip_ranker }), ..Default::default() }
+/// A Recommend request, carrying `bearer` when the gateway wants a token.
+fn recommend(user: &str, skip_ranker: bool, bearer: &Option<AsciiMetadataValue>) -> tonic::Request<RecommendRequest> {
+    let mut request = tonic::Request::new(RecommendRequest {
+        user_id: user.into(),
+        k: 10,
+        options: Some(RecommendOptions { num_candidates: 20, skip_ranker }),
+        ..Default::default()
+    });
+    if let Some(value) = bearer {
+        request.metadata_mut().insert(llamarec_common::auth::AUTHORIZATION, value.clone());
+    }
+    request
 }
 
 pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
@@ -57,7 +72,17 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
     let titles: std::collections::HashMap<&str, &str> = dataset.items.iter().map(|i| (i.id.as_str(), i.title.as_str())).collect();
     let gateway_addr = config.listen.to_string();
     let ranker_addr = config.rankers.addresses.first().cloned().context("gateway.rankers.addresses is empty")?;
-    let gateway_channel = connect(&gateway_addr).await?;
+    let bearer = args.access.bearer()?;
+    let gateway_channel = connect(args.access.endpoint(&gateway_addr)?, &gateway_addr).await?;
+    // The ranker as the gateway dials it: its backend token and backend TLS.
+    let backend_token =
+        llamarec_common::auth::resolve_secret("gateway.backend_token", config.backend_token.as_deref(), config.backend_token_file.as_deref())?;
+    let ranker_tls = config.backend_tls.as_ref().map(|b| b.settings().client_config(b.ranker_domain.as_deref())).transpose()?;
+    let rank_request = |rank: RankRequest| {
+        let mut request = tonic::Request::new(rank);
+        llamarec_common::auth::set_bearer(request.metadata_mut(), backend_token.as_deref());
+        request
+    };
     let mut gateway = GatewayClient::new(gateway_channel.clone());
 
     // 1. Overhead, one request at a time.
@@ -68,14 +93,18 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
     let mut added = Latencies::default();
     let mut ranker = match args.overhead_requests {
         0 => None,
-        _ => Some(RankerClient::new(connect(&ranker_addr).await?)),
+        _ => Some(RankerClient::new(connect(llamarec_common::auth::endpoint(&ranker_addr, ranker_tls.as_ref())?, &ranker_addr).await?)),
     };
     for (i, user) in users.iter().cycle().take(args.overhead_requests).enumerate() {
         let ranker = ranker.as_mut().expect("connected when overhead requests are asked for");
         // The same prompt the gateway would send: its candidates, the user's last 20 titles.
-        let history = gateway.get_history(GetHistoryRequest { user_id: user.clone(), limit: 20 }).await?.into_inner().events;
-        let mut candidates_request = recommend(user, true);
-        candidates_request.k = 20;
+        let mut history_request = tonic::Request::new(GetHistoryRequest { user_id: user.clone(), limit: 20 });
+        if let Some(value) = &bearer {
+            history_request.metadata_mut().insert(llamarec_common::auth::AUTHORIZATION, value.clone());
+        }
+        let history = gateway.get_history(history_request).await?.into_inner().events;
+        let mut candidates_request = recommend(user, true, &bearer);
+        candidates_request.get_mut().k = 20;
         let skip = gateway.recommend(candidates_request).await?.into_inner();
         let candidates = skip.items.iter().map(|i| i.title.clone()).collect::<Vec<_>>();
         let rank = RankRequest {
@@ -84,16 +113,16 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
         };
         // Untimed: puts the user's history in the ranker's cache, so both timed calls below
         // are returning-user calls doing the same work.
-        ranker.rank(rank.clone()).await?;
+        ranker.rank(rank_request(rank.clone())).await?;
         let t = Instant::now();
-        let r = gateway.recommend(recommend(user, false)).await?.into_inner();
+        let r = gateway.recommend(recommend(user, false, &bearer)).await?.into_inner();
         let elapsed = t.elapsed();
         via_gateway.record(elapsed);
         let rank_us = r.timings.as_ref().map_or(0, |t| t.rank_us);
         added.record(elapsed.saturating_sub(Duration::from_micros(rank_us)));
         anyhow::ensure!(!r.degraded, "Recommend was degraded ({}); the benchmark needs a healthy ranker", r.degraded_detail);
         let t = Instant::now();
-        ranker.rank(rank).await?;
+        ranker.rank(rank_request(rank)).await?;
         direct.record(t.elapsed());
         eprintln!("overhead pair {}/{}", i + 1, args.overhead_requests);
     }
@@ -103,7 +132,7 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
     let warm_up = users.len().min(args.sequential);
     for (i, user) in users.iter().cycle().take(warm_up + args.sequential).enumerate() {
         let t = Instant::now();
-        gateway.recommend(recommend(user, true)).await?;
+        gateway.recommend(recommend(user, true, &bearer)).await?;
         if i >= warm_up {
             sequential.record(t.elapsed());
         }
@@ -115,13 +144,13 @@ pub async fn run(layers: &ConfigLayers, args: GatewayBenchArgs) -> Result<()> {
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
             let mut client = GatewayClient::new(gateway_channel.clone());
-            let users = users.clone();
+            let (users, bearer) = (users.clone(), bearer.clone());
             tokio::spawn(async move {
                 let mut lat = Latencies::default();
                 let mut i = w;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    match client.recommend(recommend(&users[i % users.len()], true)).await {
+                    match client.recommend(recommend(&users[i % users.len()], true, &bearer)).await {
                         Ok(_) => lat.record(t.elapsed()),
                         Err(_) => lat.error(),
                     }

@@ -60,6 +60,8 @@ pub struct ReplayBenchArgs {
     /// Draw the sweep here (PNG).
     #[arg(long)]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    access: crate::commands::gateway_access::GatewayAccess,
 }
 
 /// Scrapes one gauge from a Prometheus text endpoint; `None` when unreachable or absent.
@@ -106,6 +108,8 @@ async fn step(users: &[String], skip_ranker: bool, rate: f64, seconds: f64, seed
         schedule: Schedule::Recorded { speed: 1.0 },
         max_outstanding: args.max_outstanding,
         deadline: args.deadline_ms.map(Duration::from_millis),
+        tls: args.access.tls()?,
+        bearer: args.access.bearer()?,
     };
     let progress = Arc::new(Progress::default());
     let sampler = {
@@ -188,6 +192,8 @@ pub async fn run(layers: &ConfigLayers, args: ReplayBenchArgs) -> Result<()> {
         schedule: Schedule::Recorded { speed: 1.0 },
         max_outstanding: args.max_outstanding,
         deadline: args.deadline_ms.map(Duration::from_millis),
+        tls: args.access.tls()?,
+        bearer: args.access.bearer()?,
     };
     let w = crate::loadgen::replay::run(&warm, &warm_options, Arc::new(Progress::default())).await?;
     if w.errors > 0 {
