@@ -75,7 +75,8 @@ def host_port(addr: str) -> tuple[str, int]:
 
 def redis_fsyncs_every_write(args: list, where: str) -> None:
     """The README promises an acknowledged append is durable: Redis must fsync each write."""
-    args = [str(a) for a in args or []]
+    # Words, whether given as an argument list or as one `sh -c` script.
+    args = " ".join(str(a) for a in args or []).split()
     for flag, want in (("--appendonly", "yes"), ("--appendfsync", "always")):
         if flag not in args or args.index(flag) + 1 >= len(args) or args[args.index(flag) + 1] != want:
             fail(f"{where}: redis-server needs {flag} {want} (acknowledged appends must be on disk)")
@@ -185,15 +186,28 @@ def cross_check(objs: list[dict], source: str) -> None:
         _, port = host_port(cfg[section]["listen"])
         _, mport = host_port(cfg[section]["metrics_listen"])
         c = pod_spec(d)["containers"][0]
+        # The kubelet's gRPC probes cannot do TLS: with TLS on the listener they must use the
+        # plaintext health-only port.
+        key = "listen"
+        if cfg[section].get("tls"):
+            key = "health_listen"
+            if "health_listen" not in cfg[section]:
+                fail(f"{source}: [{section}] has TLS on but no health_listen: the gRPC probes would fail")
+                continue
+            _, port = host_port(cfg[section]["health_listen"])
+        if port not in [p["containerPort"] for p in c.get("ports", [])]:
+            fail(f"{source}: {kn(d)} does not declare [{section}] {key} port {port}")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if c.get(probe, {}).get("grpc", {}).get("port") != port:
-                fail(f"{source}: {kn(d)} {probe} is not a gRPC probe on [{section}] listen port {port}")
+                fail(f"{source}: {kn(d)} {probe} is not a gRPC probe on [{section}] {key} port {port}")
         ann = d["spec"]["template"]["metadata"].get("annotations", {})
         if ann.get("prometheus.io/port") != str(mport):
             fail(f"{source}: {kn(d)} prometheus.io/port is not [{section}] metrics port {mport}")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         if env.get("LLAMAREC_CONFIG") != "/etc/llamarec/llamarec.toml":
             fail(f"{source}: {kn(d)} does not point LLAMAREC_CONFIG at the mounted ConfigMap")
+
+    check_k8s_security(cfg, by_kind, source)
 
     ranker = deployments.get("ranker")
     if ranker is not None and source.endswith("gpu"):
@@ -205,6 +219,165 @@ def cross_check(objs: list[dict], source: str) -> None:
             fail(f"{source}: gpu ranker does not set LLAMAREC_RANKER__DEVICE=cuda:N")
         if "ranker-cuda" not in c["image"]:
             fail(f"{source}: gpu ranker does not run the CUDA image ({c['image']})")
+
+
+# --- 2b. secure by default (issue 18) -----------------------------------------------------------
+
+# What each service's config must read from a mounted secret, as (TOML path, what).
+SECRET_FILES = {
+    "gateway": [
+        (("gateway", "backend_token_file"), "the backend token it sends"),
+        (("gateway", "tls", "cert"), "its TLS certificate"),
+        (("gateway", "tls", "key"), "its TLS key"),
+        (("gateway", "auth", "tokens_file"), "the callers' tokens"),
+        (("gateway", "backend_tls", "ca"), "the backends' CA"),
+        (("gateway", "store", "password_file"), "the Redis password"),
+    ],
+    "retriever": [
+        (("retriever", "auth_token_file"), "the backend token it requires"),
+        (("retriever", "tls", "cert"), "its TLS certificate"),
+        (("retriever", "tls", "key"), "its TLS key"),
+    ],
+    "ranker": [
+        (("ranker", "auth_token_file"), "the backend token it requires"),
+        (("ranker", "tls", "cert"), "its TLS certificate"),
+        (("ranker", "tls", "key"), "its TLS key"),
+    ],
+}
+# Secrets written into the config itself (a ConfigMap, an image layer) instead of a file.
+INLINE_SECRETS = [("gateway", "backend_token"), ("gateway", "auth", "tokens"), ("retriever", "auth_token"), ("ranker", "auth_token")]
+
+
+def lookup(cfg: dict, path: tuple) -> object:
+    for part in path:
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def check_config_security(cfg: dict, where: str) -> list[tuple[str, str, str]]:
+    """The properties of a shipped config alone; returns (service, file path, what) to mount."""
+    for path in INLINE_SECRETS:
+        if lookup(cfg, path):
+            fail(f"{where}: [{'.'.join(path[:-1])}] {path[-1]} is set inline: a secret in the config; use the *_file key and a Secret")
+    gw = cfg.get("gateway", {})
+    url = gw.get("store", {}).get("url", "")
+    if re.match(r"rediss?://[^/@]*:[^/@]*@", url):
+        fail(f"{where}: [gateway.store] url carries a password; use password_file")
+    for section in ("retriever", "ranker"):
+        listen = cfg.get(section, {}).get("listen", "127.0.0.1:0")
+        if not host_port(listen)[0] in ("127.0.0.1", "localhost", "[::1]") and not cfg[section].get("tls"):
+            fail(f"{where}: [{section}] listens on {listen} without [{section}.tls]: the backend token would cross the network in clear")
+    needed = []
+    for service, items in SECRET_FILES.items():
+        if service not in cfg:
+            continue
+        for path, what in items:
+            if path == ("gateway", "store", "password_file") and gw.get("store", {}).get("kind") != "redis":
+                continue
+            value = lookup(cfg, path)
+            if not value:
+                fail(f"{where}: [{'.'.join(path[:-1])}] {path[-1]} is not set ({what}): not secure by default")
+            else:
+                needed.append((service, str(value), what))
+    return needed
+
+
+def secret_files(spec: dict, container: dict) -> dict[str, str]:
+    """File path -> Secret name for every Secret file the container mounts."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    files = {}
+    for m in container.get("volumeMounts", []):
+        vol = volumes.get(m["name"], {})
+        sources = []
+        if "secret" in vol:
+            sources.append(vol["secret"] | {"name": vol["secret"].get("secretName")})
+        for src in vol.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                sources.append(src["secret"])
+        for sec in sources:
+            for item in sec.get("items", []):
+                files[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = sec["name"]
+    return files
+
+
+def peers_select_only(rule: dict, allowed: list[dict], deployments: dict) -> bool:
+    """Every peer of an ingress rule is a same-namespace podSelector matching only `allowed`."""
+    peers = rule.get("from")
+    if not peers:
+        return False  # no `from`: every source
+    for peer in peers:
+        if set(peer) != {"podSelector"}:
+            return False  # namespaceSelector / ipBlock reach beyond the namespace's pods
+        labels = peer["podSelector"].get("matchLabels", {})
+        if not labels or peer["podSelector"].get("matchExpressions"):
+            return False
+        if labels not in allowed:
+            return False
+    return True
+
+
+def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
+    deployments = by_kind.get("Deployment", {})
+    for service, path, what in check_config_security(cfg, f"{source}: llamarec.toml"):
+        d = deployments.get(service)
+        if d is None:
+            continue
+        files = secret_files(pod_spec(d), pod_spec(d)["containers"][0])
+        if path not in files:
+            fail(f"{source}: {kn(d)} does not mount {path} ({what}) from a Secret")
+    # Redis: requirepass from a Secret, the same one the gateway reads.
+    redis = deployments.get("redis")
+    if redis is not None:
+        c = pod_spec(redis)["containers"][0]
+        script = " ".join(str(a) for a in c.get("command", []) + c.get("args", []))
+        files = secret_files(pod_spec(redis), c)
+        m = re.search(r"requirepass\s+\S*\$\(cat\s+([^)\s]+)\)", script)
+        if not m:
+            fail(f"{source}: Deployment redis does not set requirepass from a file")
+        elif m.group(1) not in files:
+            fail(f"{source}: Deployment redis reads its password from {m.group(1)}, which is no mounted Secret")
+        else:
+            gw = deployments.get("gateway")
+            pw = lookup(cfg, ("gateway", "store", "password_file"))
+            gw_files = secret_files(pod_spec(gw), pod_spec(gw)["containers"][0]) if gw else {}
+            if gw_files.get(str(pw)) != files[m.group(1)]:
+                fail(f"{source}: the gateway's password_file and Redis' requirepass come from different Secrets")
+        probe = " ".join(str(a) for a in c.get("readinessProbe", {}).get("exec", {}).get("command", []))
+        if probe and "PONG" not in probe:
+            fail(f"{source}: Deployment redis readiness probe does not check for PONG (redis-cli exits 0 on NOAUTH)")
+    # NetworkPolicy: only the gateway reaches retriever and ranker; only Redis users reach Redis.
+    policies = list(by_kind.get("NetworkPolicy", {}).values())
+    gateway = deployments.get("gateway")
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"] if gateway else {}
+    redis_client = {"llamarec.io/redis-client": "true"}
+    for name, section, allowed in (("retriever", "retriever", "gateway"), ("ranker", "ranker", "gateway"), ("redis", None, "redis users")):
+        d = deployments.get(name)
+        if d is None:
+            continue
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        port = host_port(cfg[section]["listen"])[1] if section else 6379
+        selecting = [p for p in policies if not p["spec"]["podSelector"].get("matchExpressions") and all(labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items()) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+        if not selecting:
+            fail(f"{source}: no NetworkPolicy selects {kn(d)}: every pod in the cluster can reach it")
+            continue
+        ok_peers = [{"app.kubernetes.io/name": "gateway"}]
+        if name == "redis":
+            ok_peers.append(redis_client)
+        opening = []
+        for p in selecting:
+            for rule in p["spec"].get("ingress", []):
+                ports = [pp.get("port") for pp in rule.get("ports", [])]
+                if ports and port not in ports:
+                    continue
+                opening.append(rule)
+                if not peers_select_only(rule, ok_peers, deployments):
+                    fail(f"{source}: NetworkPolicy {p['metadata']['name']} lets more than the {allowed} reach {kn(d)} port {port}")
+        if not opening:
+            fail(f"{source}: no NetworkPolicy rule lets the gateway reach {kn(d)} port {port}")
+        elif not any(all(gateway_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items()) for r in opening for peer in r.get("from", []) if "podSelector" in peer):
+            fail(f"{source}: the NetworkPolicies selecting {kn(d)} do not admit the gateway's pods")
 
 
 # --- 3. compose ---------------------------------------------------------------------------------
@@ -249,6 +422,7 @@ def check_compose(path: pathlib.Path) -> None:
                 fail(f"{path}: service {name} builds from missing {ctx / build.get('dockerfile', 'Dockerfile')}")
         if not (svc.get("image") or build):
             fail(f"{path}: service {name} has neither image nor build")
+    check_compose_security(doc, services, base, path)
     # The mounted config's hosts must be compose services (Docker's DNS resolves service names).
     for name, svc in services.items():
         for v in svc.get("volumes") or []:
@@ -261,6 +435,54 @@ def check_compose(path: pathlib.Path) -> None:
                 for h in hosts - set(services):
                     fail(f"{path}: config {v['source']} names host {h!r}, which is no compose service")
                 break
+
+
+def check_compose_security(doc: dict, services: dict, base: pathlib.Path, path: pathlib.Path) -> None:
+    # Published ports on loopback only: Docker's published ports bypass the host firewall.
+    for name, svc in services.items():
+        for p in svc.get("ports") or []:
+            if isinstance(p, dict):
+                ip = p.get("host_ip")
+            else:
+                parts = str(p).rsplit(":", 2)
+                ip = parts[0] if len(parts) == 3 else None
+            if ip not in ("127.0.0.1", "::1", "[::1]"):
+                fail(f"{path}: service {name} publishes {p!r} on every interface (0.0.0.0); bind it to 127.0.0.1")
+    top = doc.get("secrets") or {}
+    for sname, sdef in top.items():
+        if not sdef.get("file"):
+            fail(f"{path}: secret {sname} has no file")
+    mounted: dict[str, dict[str, str]] = {}
+    for name, svc in services.items():
+        for sec in svc.get("secrets") or []:
+            src, target = (sec, f"/run/secrets/{sec}") if isinstance(sec, str) else (sec["source"], sec.get("target", f"/run/secrets/{sec['source']}"))
+            if src not in top:
+                fail(f"{path}: service {name} uses undeclared secret {src}")
+            mounted.setdefault(name, {})[target] = src
+    cfg_path = next((v["source"] for svc in services.values() for v in svc.get("volumes") or [] if isinstance(v, dict) and v.get("target") == "/etc/llamarec/llamarec.toml"), None)
+    if cfg_path is None:
+        fail(f"{path}: no service mounts a llamarec.toml")
+        return
+    cfg = tomllib.loads((base / cfg_path).read_text())
+    for service, file, what in check_config_security(cfg, f"{path}: {cfg_path}"):
+        if service in services and file not in mounted.get(service, {}):
+            fail(f"{path}: service {service} does not mount {file} ({what}) as a secret")
+    if "redis" in services:
+        script = " ".join(str(a) for a in (services["redis"].get("command") or []))
+        m = re.search(r"requirepass\s+\S*\$\$?\(cat\s+([^)\s]+)\)", script)
+        pw = lookup(cfg, ("gateway", "store", "password_file"))
+        if not m:
+            fail(f"{path}: service redis does not set requirepass from a secret file")
+        elif mounted.get("redis", {}).get(m.group(1)) is None or mounted["redis"][m.group(1)] != mounted.get("gateway", {}).get(str(pw)):
+            fail(f"{path}: redis' requirepass file and the gateway's password_file are not the same secret")
+        test = " ".join(str(a) for a in (services["redis"].get("healthcheck") or {}).get("test", []))
+        if "PONG" not in test:
+            fail(f"{path}: service redis healthcheck does not check for PONG (redis-cli exits 0 on NOAUTH)")
+    # HEALTHCHECK (`llamarec health`) of a service whose listener has TLS on needs the CA the
+    # images name in LLAMAREC_TLS_CA.
+    for service in ("gateway", "retriever", "ranker"):
+        if service in services and lookup(cfg, (service, "tls")) and "/run/secrets/llamarec/ca.crt" not in mounted.get(service, {}):
+            fail(f"{path}: service {service} serves TLS but does not mount /run/secrets/llamarec/ca.crt for its HEALTHCHECK")
 
 
 # --- 4. Dockerfiles -----------------------------------------------------------------------------
@@ -300,6 +522,8 @@ def check_dockerfiles() -> None:
         text = re.sub(r"\\\n", " ", f.read_text())
         if "HEALTHCHECK" not in text and f.name != "tools.Dockerfile":
             fail(f"{f.relative_to(ROOT)}: no HEALTHCHECK")
+        if f.name != "tools.Dockerfile" and not re.search(r"LLAMAREC_TLS_CA=\S+", text):
+            fail(f"{f.relative_to(ROOT)}: no LLAMAREC_TLS_CA: its HEALTHCHECK cannot reach a TLS listener")
         if not re.search(r"^USER \d+", text, re.M):
             fail(f"{f.relative_to(ROOT)}: does not switch to a numeric non-root USER")
         for line in text.splitlines():
@@ -347,7 +571,10 @@ def main() -> int:
     check_compose(ROOT / "deploy" / "compose.yaml")
     print("deploy/validate: deploy/compose.yaml valid against the Compose Specification; references checked")
     check_dockerfiles()
-    print("deploy/validate: deploy/docker/*.Dockerfile checked (shared builder block, COPY sources)")
+    print("deploy/validate: deploy/docker/*.Dockerfile checked (shared builder block, COPY sources, HEALTHCHECK TLS)")
+    # The image's own config (a bare `docker run`) is secure by default too.
+    check_config_security(tomllib.loads((ROOT / "deploy/docker/llamarec.toml").read_text()), "deploy/docker/llamarec.toml")
+    print("deploy/validate: secure by default: NetworkPolicies, backend tokens and TLS from Secrets, Redis password, loopback-only compose ports")
 
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)

@@ -51,7 +51,10 @@ RUN groupadd --system --gid 10001 llamarec \
  && mkdir -p /var/lib/llamarec/assets /etc/llamarec \
  && chown -R 10001:10001 /var/lib/llamarec
 COPY deploy/docker/llamarec.toml /etc/llamarec/llamarec.toml
+# LLAMAREC_TLS_*: HEALTHCHECK's `llamarec health` trusts the shipped TLS certificates' CA.
 ENV LLAMAREC_CONFIG=/etc/llamarec/llamarec.toml \
+    LLAMAREC_TLS_CA=/run/secrets/llamarec/ca.crt \
+    LLAMAREC_TLS_DOMAIN=localhost \
     LLAMAREC_RANKER__DEVICE=cuda:0 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

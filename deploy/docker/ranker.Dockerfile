@@ -38,7 +38,11 @@ RUN groupadd --system --gid 10001 llamarec \
  && mkdir -p /var/lib/llamarec/assets /etc/llamarec \
  && chown -R 10001:10001 /var/lib/llamarec
 COPY deploy/docker/llamarec.toml /etc/llamarec/llamarec.toml
-ENV LLAMAREC_CONFIG=/etc/llamarec/llamarec.toml
+# The shipped configs serve TLS (certificates under /run/secrets/llamarec, all naming
+# `localhost`): HEALTHCHECK's `llamarec health` trusts their CA through these.
+ENV LLAMAREC_CONFIG=/etc/llamarec/llamarec.toml \
+    LLAMAREC_TLS_CA=/run/secrets/llamarec/ca.crt \
+    LLAMAREC_TLS_DOMAIN=localhost
 WORKDIR /var/lib/llamarec
 # `llamarec health ADDR` is the grpc.health.v1 check (exit 0 on SERVING), used by HEALTHCHECK.
 COPY --from=builder /src/target/release/llamarec /usr/local/bin/llamarec

@@ -454,6 +454,36 @@ mod tests {
     }
 
     #[test]
+    fn backend_tls_health_listen_and_the_redis_password_are_checked() {
+        let tls = |cert: Option<&str>, key: Option<&str>, domain: Option<&str>| GatewayConfig {
+            backend_tls: Some(BackendTls {
+                ca: "ca.pem".into(),
+                cert: cert.map(Into::into),
+                key: key.map(Into::into),
+                retriever_domain: None,
+                ranker_domain: domain.map(Into::into),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(tls(None, None, Some("ranker")).validate(), Ok(()));
+        assert_eq!(tls(Some("c.pem"), Some("k.pem"), None).validate(), Ok(()));
+        assert_eq!(invalid_key(tls(Some("c.pem"), None, None)), "backend_tls.key");
+        assert_eq!(invalid_key(tls(None, Some("k.pem"), None)), "backend_tls.cert");
+        assert_eq!(invalid_key(tls(None, None, Some("ranker:50052"))), "backend_tls.ranker_domain");
+        let c = GatewayConfig::default();
+        assert_eq!(invalid_key(GatewayConfig { health_listen: Some(c.listen), ..c }), "health_listen");
+
+        let redis = |url: &str| GatewayConfig {
+            store: StoreConfig::Redis { url: url.into(), prefix: "p".into(), password_file: Some("pw".into()) },
+            ..Default::default()
+        };
+        assert_eq!(redis("redis://redis:6379/0").validate(), Ok(()));
+        assert_eq!(redis("redis://user@redis:6379/0").validate(), Ok(()));
+        assert_eq!(invalid_key(redis("redis://:hunter2@redis:6379/0")), "store.password_file");
+        assert_eq!(invalid_key(redis("redis://default:hunter2@redis:6379/0")), "store.password_file");
+    }
+
+    #[test]
     fn shipped_configs_use_weight_zero_and_shadow_off() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         for file in ["deploy/local/llamarec.toml", "deploy/docker/llamarec.toml", "deploy/k8s/base/llamarec.toml"] {

@@ -131,28 +131,38 @@ pub struct Redis {
     pub port: u16,
     /// Its data directory (kept across restarts of the same instance).
     pub dir: tempfile::TempDir,
+    /// `requirepass`, when set.
+    pub password: Option<String>,
 }
 
 impl Redis {
     /// Starts redis-server (installed by `.ci/run` from Debian's packages).
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let process = Self::spawn(dir.path(), port);
-        Self { process, port, dir }
+        Self::start_inner(None)
     }
 
-    fn spawn(dir: &Path, port: u16) -> Process {
+    /// [`start`](Self::start) with `requirepass password`, as the shipped deployments run it.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_inner(Some(password.to_string()))
+    }
+
+    fn start_inner(password: Option<String>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let process = Self::spawn(dir.path(), port, password.as_deref());
+        Self { process, port, dir, password }
+    }
+
+    fn spawn(dir: &Path, port: u16, password: Option<&str>) -> Process {
         let program = which("redis-server").expect("redis-server not found: install it (`apt-get install -y redis-server`); .ci/run does");
         let port_s = port.to_string();
         let dir_s = dir.display().to_string();
         let log = dir.join("redis.log").display().to_string();
-        let p = Process::start(
-            "redis-server",
-            &program,
-            &["--port", &port_s, "--bind", "127.0.0.1", "--dir", &dir_s, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", &log],
-            &[],
-        );
+        let mut args = vec!["--port", &port_s, "--bind", "127.0.0.1", "--dir", &dir_s, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", &log];
+        if let Some(p) = password {
+            args.extend(["--requirepass", p]);
+        }
+        let p = Process::start("redis-server", &program, &args, &[]);
         wait_for_port(port, Duration::from_secs(10));
         wait_redis_loaded(port, Duration::from_secs(10));
         p
@@ -171,7 +181,7 @@ impl Redis {
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = Self::spawn(self.dir.path(), self.port);
+        self.process = Self::spawn(self.dir.path(), self.port, self.password.as_deref());
     }
 }
 
@@ -192,7 +202,8 @@ fn wait_redis_loaded(port: u16, timeout: Duration) {
             let n = s.read(&mut buf)?;
             Ok(buf[..n].to_vec())
         });
-        if answer.is_ok_and(|a| a.starts_with(b":")) {
+        // `-NOAUTH`: a Redis with `requirepass` is up and refusing the unauthenticated probe.
+        if answer.is_ok_and(|a| a.starts_with(b":") || a.starts_with(b"-NOAUTH")) {
             return;
         }
         assert!(start.elapsed() < timeout, "redis on port {port} still not ready after {timeout:?}");

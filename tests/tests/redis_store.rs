@@ -103,3 +103,50 @@ async fn an_interrupted_seed_leaves_no_marker_and_is_completed_by_the_next() {
     assert_eq!(store.read("u299").await.unwrap(), vec![ev("live", 1)]);
     assert!(!store.seed_once(histories).await.unwrap(), "seeding happens once");
 }
+
+/// Redis with `requirepass`, as compose and Kubernetes run it: the store without the password is
+/// refused, with it (given apart from the URL) it works; the gateway binary reads it from
+/// `[gateway.store] password_file`, and an empty password file stops its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_password_is_required_and_read_from_a_file() {
+    use llamarec_tests::{binary, free_port, wait_serving, Process};
+    const PASSWORD: &str = "redis-Secret-7f3a";
+    let redis = Redis::start_with_password(PASSWORD);
+    let refused = match RedisStore::connect(&redis.url(), "t").await {
+        Err(e) => e.to_string(),
+        Ok(store) => store.append("u1", &[ev("a", 1)]).await.expect_err("an append without the password was accepted").to_string(),
+    };
+    assert!(refused.contains("NOAUTH") || refused.contains("uthentication"), "{refused}");
+    let store = RedisStore::connect_with_password(&redis.url(), "t", Some(PASSWORD)).await.unwrap();
+    assert_eq!(store.append("u1", &[ev("a", 1)]).await.unwrap(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("redis-password");
+    let config = dir.path().join("gateway.toml");
+    let listen = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        &config,
+        format!(
+            "[telemetry]\nlog_level = \"warn\"\n[gateway]\nlisten = \"{listen}\"\nmetrics_listen = \"127.0.0.1:{}\"\nretriever = \"127.0.0.1:{}\"\n[gateway.rankers]\naddresses = []\n[gateway.store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"g\"\npassword_file = \"{}\"\n",
+            free_port(),
+            free_port(),
+            redis.url(),
+            password_file.display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+
+    // An empty Secret (mounted before it was filled) stops the start, naming the key.
+    std::fs::write(&password_file, "\n").unwrap();
+    let out = std::process::Command::new(binary("gateway")).args(["--config", &config]).current_dir(llamarec_tests::repo_root()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("password_file") && stderr.contains("empty"), "{stderr}");
+
+    // With the password the gateway connects, seeds the store and serves.
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let _gateway = Process::start("gateway", &binary("gateway"), &["--config", &config], &[]);
+    wait_serving(&listen, Duration::from_secs(120)).await.unwrap();
+    let seeded = RedisStore::connect_with_password(&redis.url(), "g", Some(PASSWORD)).await.unwrap();
+    assert!(!seeded.read("42").await.unwrap().is_empty(), "the gateway seeded Redis through the password");
+}
