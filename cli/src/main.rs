@@ -49,6 +49,9 @@ enum Command {
     /// Benchmarks that write JSON.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Check a deployment configuration file.
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
     /// Exit 0 when the gRPC server at ADDR reports SERVING (container health probes).
     Health(commands::health::HealthArgs),
     /// Score one history and candidate list with the ranker in this process (no server).
@@ -76,6 +79,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Command::Config(cmd) = &cli.command {
+        // It checks the file it names, not the configuration this process would run with: a
+        // broken $LLAMAREC_CONFIG or shipped file must not stop it before it starts.
+        return commands::config::run(cmd);
+    }
     let layers = ConfigLayers::discover(cli.config.as_deref())?;
     init_tracing(&layers.section::<TelemetryConfig>()?);
     match cli.command {
@@ -96,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
         Command::Replay(args) => runtime()?.block_on(commands::replay::run(&layers, args)),
         Command::Traffic(cmd) => commands::traffic::run(&layers, cmd),
+        Command::Config(cmd) => commands::config::run(&cmd),
     }
 }
 

@@ -131,6 +131,128 @@ impl ConfigLayers {
     }
 }
 
+/// The most problems collected from one section before giving up: every round removes one
+/// offending key, so a section cannot take more rounds than it has keys; this bounds a value
+/// that keeps failing in a way the removal does not change.
+const MAX_PROBLEMS_PER_SECTION: usize = 256;
+
+impl ConfigLayers {
+    /// The top-level tables and keys present in the layers (file and environment), e.g.
+    /// `["assets", "gateway", "ranker"]`, sorted: `llamarec config check` reports those no section
+    /// reads.
+    pub fn top_level_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let origin = describe(self.file.as_deref());
+        let table = config::Source::collect(&self.config).map_err(|source| ConfigError::Parse { origin, source })?;
+        let mut keys: Vec<String> = table.into_keys().collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Every problem of one section at once, where [`ConfigLayers::section`] stops at the first:
+    /// each unknown key (with its full dotted path), each value of the wrong type, then what
+    /// `validate` finds. After each problem the offending key is dropped (so it takes its
+    /// default) and the section is read again, until it reads and validates cleanly or a
+    /// problem cannot be attributed to a key that is present. `validate` is usually
+    /// [`Section::validate`]; a caller may pass a narrower check (e.g. one that leaves out what
+    /// depends on the build rather than on the configuration). The section's value when there
+    /// was no problem, else the problems sorted by key.
+    pub fn check_section<T: Section>(&self, validate: impl Fn(&T) -> Result<(), (String, String)>) -> Result<T, Vec<ConfigError>> {
+        let origin = describe(self.file.as_deref());
+        let mut raw = match self.config.get::<config::Value>(T::NAME) {
+            Ok(raw) => Some(raw),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(source) => return Err(vec![ConfigError::Parse { origin, source }]),
+        };
+        let mut problems: Vec<ConfigError> = Vec::new();
+        let invalid = |path: &[String], reason: String| ConfigError::Invalid {
+            key: std::iter::once(T::NAME.to_string()).chain(path.iter().cloned()).collect::<Vec<_>>().join("."),
+            reason,
+            origin: origin.clone(),
+        };
+        while problems.len() < MAX_PROBLEMS_PER_SECTION {
+            let parsed: Result<T, _> = match raw.clone() {
+                Some(value) => serde_path_to_error::deserialize(value),
+                None => Ok(T::default()),
+            };
+            let (path, reason) = match parsed {
+                Err(e) => {
+                    let mut path: Vec<String> = Vec::new();
+                    for segment in e.path().iter() {
+                        match segment {
+                            serde_path_to_error::Segment::Map { key } => path.push(key.clone()),
+                            // Inside a list or an enum: the whole value at the key is the problem.
+                            _ => break,
+                        }
+                    }
+                    let reason = without_key_suffix(&e.inner().to_string());
+                    // serde names an unknown key in its message; the path may stop at the table
+                    // that holds it: report (and drop) the key itself.
+                    if let Some(field) = unknown_field(&reason) {
+                        if path.last() != Some(&field) {
+                            path.push(field);
+                        }
+                    }
+                    (path, reason)
+                }
+                Ok(value) => match validate(&value) {
+                    Ok(()) if problems.is_empty() => return Ok(value),
+                    Ok(()) => break,
+                    Err((key, reason)) => (key.split('.').filter(|k| !k.is_empty()).map(str::to_string).collect(), reason),
+                },
+            };
+            let problem = invalid(&path, reason);
+            let repeated = problems.iter().any(|p| p.to_string() == problem.to_string());
+            if !repeated {
+                problems.push(problem);
+            }
+            // A problem at a key that is not present (a default, or a rule between keys whose
+            // other key was already dropped) cannot be cleared by dropping it: stop here.
+            if repeated || !raw.as_mut().is_some_and(|r| remove_path(r, &path)) {
+                break;
+            }
+        }
+        problems.sort_by_key(|p| match p {
+            ConfigError::Invalid { key, .. } => key.clone(),
+            other => other.to_string(),
+        });
+        Err(problems)
+    }
+}
+
+/// The key named by serde's "unknown field `x`, expected ..." message, if that is the message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// The `config` crate appends " for key `table`" to a value's error; the check names the full
+/// key itself, so the suffix only repeats part of it.
+fn without_key_suffix(message: &str) -> String {
+    match message.rfind(" for key `") {
+        Some(at) if message.ends_with('`') => message[..at].to_string(),
+        _ => message.to_string(),
+    }
+}
+
+/// Removes the value at `path` (table keys) from `value`; false when it is not there.
+fn remove_path(value: &mut config::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut table = value;
+    for key in parents {
+        match &mut table.kind {
+            config::ValueKind::Table(t) => match t.get_mut(key) {
+                Some(child) => table = child,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match &mut table.kind {
+        config::ValueKind::Table(t) => t.remove(last).is_some(),
+        _ => false,
+    }
+}
+
 /// Whether an environment value is a list: `[...]`, written as a TOML array
 /// (`LLAMAREC_GATEWAY__RANKERS__ADDRESSES='["10.0.0.1:50052", "10.0.0.2:50052"]'`). The
 /// environment layer alone has no way to express lists.
@@ -270,6 +392,73 @@ mod tests {
         let f = file("[demo]\nthread = 3\n");
         let err = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap().section::<Demo>().unwrap_err().to_string();
         assert!(err.contains("unknown field `thread`"), "{err}");
+    }
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Outer {
+        limit: u32,
+        inner: Inner,
+    }
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Inner {
+        depth: u32,
+    }
+    impl Section for Outer {
+        const NAME: &'static str = "outer";
+        fn validate(&self) -> Result<(), (String, String)> {
+            if self.inner.depth > self.limit {
+                return Err(("inner.depth".into(), "must be at most limit".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn problems<T: Section + std::fmt::Debug>(text: &str) -> Vec<String> {
+        let f = file(text);
+        let layers = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap();
+        match layers.check_section::<T>(T::validate) {
+            Ok(value) => panic!("{text:?} has problems, yet it read as {value:?}"),
+            Err(problems) => problems.iter().map(|p| match p {
+                ConfigError::Invalid { key, reason, .. } => format!("{key}: {reason}"),
+                other => other.to_string(),
+            }).collect(),
+        }
+    }
+
+    #[test]
+    fn check_section_reports_every_problem_not_just_the_first() {
+        // Two unknown keys, a wrong type and a bad value: section() would stop at one of them.
+        let found = problems::<Demo>("[demo]\nthread = 3\nnme = \"x\"\npeers = 3\nthreads = 0\n");
+        let keys: Vec<&str> = found.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(keys, ["demo.nme", "demo.peers", "demo.thread", "demo.threads"], "{found:#?}");
+        assert!(found[0].contains("unknown field `nme`") && found[1].contains("invalid type") && found[3].contains("at least 1"), "{found:#?}");
+        let f = file("[demo]\nthread = 3\n");
+        let one = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap().section::<Demo>().unwrap_err().to_string();
+        assert!(one.contains("thread"), "section() names the same key: {one}");
+    }
+
+    #[test]
+    fn check_section_names_nested_keys_and_rules_between_keys() {
+        let found = problems::<Outer>("[outer]\nlimit = 1\n[outer.inner]\ndepht = 1\ndepth = 5\n");
+        assert_eq!(found, ["outer.inner.depht: unknown field `depht`, expected `depth`", "outer.inner.depth: must be at most limit"]);
+        // A rule broken by a default (nothing to drop) is reported once, not looped on.
+        let f = file("[outer]\nlimit = 0\n[outer.inner]\ndepth = 2\n");
+        let layers = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap();
+        let strict = |o: &Outer| if o.limit == 0 { Err(("limit".to_string(), "must be at least 1".to_string())) } else { o.validate() };
+        let found = layers.check_section::<Outer>(strict).unwrap_err();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].to_string().contains("outer.limit"), "{found:?}");
+    }
+
+    #[test]
+    fn check_section_of_a_clean_or_absent_section_is_its_value() {
+        let f = file("[demo]\nthreads = 3\n");
+        let layers = ConfigLayers::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(layers.check_section::<Demo>(Demo::validate).unwrap().threads, 3);
+        assert_eq!(layers.check_section::<Outer>(Outer::validate).unwrap(), Outer::default());
+        assert_eq!(layers.top_level_keys().unwrap(), ["demo"]);
     }
 
     #[test]

@@ -168,6 +168,27 @@ impl Section for RankerServiceConfig {
     const NAME: &'static str = "ranker";
 
     fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_settings()?;
+        if let DeviceSpec::Cuda(_) = self.device_spec() {
+            if !BUILT_WITH_CUDA {
+                return Err((
+                    "device".into(),
+                    "this build has no CUDA support (cargo feature `cuda`)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether this build of the ranker can use a CUDA device (cargo feature `cuda`).
+pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
+
+impl RankerServiceConfig {
+    /// Every check of [`Section::validate`] except whether this build supports the device: what
+    /// `llamarec config check` applies to a deployment whose rankers run another build (the
+    /// CUDA image), where the build that checks is not the one that serves.
+    pub fn validate_settings(&self) -> Result<(), (String, String)> {
         let err = |key: &str, reason: String| Err((key.to_string(), reason));
         if PromptTemplate::builtin(&self.template).is_none() {
             return err(
@@ -177,14 +198,6 @@ impl Section for RankerServiceConfig {
         }
         if let Err(reason) = DeviceSpec::parse(&self.device) {
             return err("device", reason);
-        }
-        if let DeviceSpec::Cuda(_) = DeviceSpec::parse(&self.device).unwrap_or(DeviceSpec::Cpu) {
-            if !cfg!(feature = "cuda") {
-                return err(
-                    "device",
-                    "this build has no CUDA support (cargo feature `cuda`)".into(),
-                );
-            }
         }
         for (key, value) in [
             ("max_batch_size", self.max_batch_size),

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod eval_report;
