@@ -167,6 +167,34 @@ async fn tls_tokens_and_the_shared_backend_token() {
     let (ok, stderr) = cli_health(&secure, &[]);
     assert!(!ok && stderr.contains(&secure), "{stderr}");
 
+    // `eval --via-gateway` and `replay` take the same --tls-ca/--token (GatewayAccess).
+    let llamarec = |args: &[&str]| {
+        std::process::Command::new(binary("llamarec")).args(args).current_dir(repo_root()).env_remove("LLAMAREC_TOKEN").env_remove("LLAMAREC_TLS_CA").output().unwrap()
+    };
+    let tls_args = ["--tls-ca", cert_path.as_str(), "--tls-domain", "localhost"];
+    let out = llamarec(&[&["eval", "--stage", "retriever", "--split", "test", "--sample", "3", "--via-gateway", &secure, "--token", CLIENT_TOKEN][..], &tls_args].concat());
+    assert!(out.status.success(), "eval --via-gateway over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    let out = llamarec(&[&["eval", "--stage", "retriever", "--split", "test", "--sample", "3", "--via-gateway", &secure][..], &tls_args].concat());
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("authorization: Bearer <token>"), "eval without the token");
+    let traffic = d.join("traffic.jsonl").display().to_string();
+    let out = llamarec(&["traffic", "synth", "--out", &traffic, "--rate", "20", "--duration", "1", "--skip-ranker-share", "1", "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = d.join("replay.json");
+    let replay = |token: Option<&str>| -> serde_json::Value {
+        let mut args = vec!["replay", "--traffic", traffic.as_str(), "--gateway", secure.as_str(), "--rate", "20", "--duration", "1", "--arrivals", "uniform", "--json", report.to_str().unwrap()];
+        args.extend(tls_args);
+        if let Some(t) = token {
+            args.extend(["--token", t]);
+        }
+        let out = llamarec(&args);
+        assert!(out.status.success(), "replay: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+    };
+    let r = replay(Some(CLIENT_TOKEN));
+    assert_eq!((r["sent"].as_u64(), r["errors"].as_u64()), (Some(20), Some(0)), "replay with the token over TLS: {}", r["errors_by_code"]);
+    let r = replay(None);
+    assert_eq!(r["errors_by_code"]["Unauthenticated"].as_u64(), Some(20), "replay without the token: {}", r["errors_by_code"]);
+
     // The CLI: --tls-ca and --token reach the secure gateway; without the token it fails.
     let cli = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(binary("llamarec"));
