@@ -198,6 +198,54 @@ fn release_freed_heap() {
     }
 }
 
+/// One of a block's fused projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl Slot {
+    fn of(self, block: &mut BlockWeights) -> &mut Linear {
+        match self {
+            Self::Qkv => &mut block.qkv,
+            Self::O => &mut block.o,
+            Self::GateUp => &mut block.gate_up,
+            Self::Down => &mut block.down,
+        }
+    }
+
+    /// The fused projection holding `proj`, and the first output row of `proj` in it.
+    fn of_projection(proj: Projection, cfg: &LlamaConfig) -> (Self, usize) {
+        match proj {
+            Projection::QProj => (Self::Qkv, 0),
+            Projection::KProj => (Self::Qkv, cfg.q_dim()),
+            Projection::VProj => (Self::Qkv, cfg.q_dim() + cfg.kv_dim()),
+            Projection::OProj => (Self::O, 0),
+            Projection::GateProj => (Self::GateUp, 0),
+            Projection::UpProj => (Self::GateUp, cfg.intermediate_size),
+            Projection::DownProj => (Self::Down, 0),
+        }
+    }
+}
+
+/// `w` `(out, in)` with `delta` added to its rows `offset..offset + delta.rows`.
+fn add_rows(w: &Tensor, offset: usize, delta: &Tensor) -> Result<Tensor> {
+    let rows = delta.dim(0)?;
+    let total = w.dim(0)?;
+    let mut parts = Vec::new();
+    if offset > 0 {
+        parts.push(w.narrow(0, 0, offset)?);
+    }
+    parts.push((w.narrow(0, offset, rows)? + delta)?);
+    if offset + rows < total {
+        parts.push(w.narrow(0, offset + rows, total - offset - rows)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+}
+
 /// A Llama-architecture decoder with our forward pass. Immutable and `Sync`: the attention
 /// state lives in [`KvCache`] values owned by the caller.
 #[derive(Debug, Clone)]
@@ -335,7 +383,7 @@ impl Llama {
             )));
         }
         let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let rows = self.weights.lm_head.index_select(&idx, 0)?;
+        let rows = self.weights.lm_head.index_select(&idx, 0)?.to_dtype(self.dtype)?;
         Ok(TokenHead {
             ids: ids.to_vec(),
             weight_t: rows.t()?.contiguous()?,
@@ -344,30 +392,67 @@ impl Llama {
 
     /// Full-vocabulary logits `(.., vocab)` for hidden states `(.., hidden)`.
     pub fn full_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.weights.lm_head.t()?)?)
+        let head = &self.weights.lm_head;
+        if head.dtype() == self.dtype {
+            return Ok(hidden.broadcast_matmul(&head.t()?)?);
+        }
+        // A bf16-packed model keeps the (tied) head in bf16.
+        let dims = hidden.dims().to_vec();
+        let width = *dims.last().expect("hidden states have a width");
+        let flat = hidden.reshape((hidden.elem_count() / width, width))?;
+        let logits = cpu_kernels::logits_against_bf16_rows(&flat, head)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = head.dim(0)?;
+        Ok(logits.reshape(out_dims)?)
     }
 
-    /// Re-packs every dense decoder projection as bf16 for the CPU's bf16 kernels (after any
-    /// adapter is merged; inference only). Returns the kernel used, or None (nothing changed)
-    /// when the CPU has no AVX-512 BF16, the model is off the CPU or not f32.
-    pub fn pack_bf16(&mut self) -> Result<Option<crate::bf16_gemm::Bf16Kernel>> {
+    /// Re-packs every decoder projection as bf16 for the CPU's bf16 kernels (inference only),
+    /// merging `adapter` first. Returns the kernel used, or None (nothing changed) when the CPU
+    /// has no AVX-512 BF16, the model is off the CPU or not f32.
+    ///
+    /// Works one block at a time, and a quantized projection is dequantized only for its own
+    /// packing: loading the GGUF quantized and packing here keeps the peak near the packed
+    /// model's size, where loading dense f32 first held the whole f32 model (~540 MB for
+    /// SmolLM2-135M) at once.
+    pub fn pack_bf16(&mut self, adapter: Option<&LoraAdapter>) -> Result<Option<crate::bf16_gemm::Bf16Kernel>> {
         let Some(kernel) = crate::bf16_gemm::Bf16Kernel::detect() else {
             return Ok(None);
         };
         if !self.device.is_cpu() || self.dtype != DType::F32 {
             return Ok(None);
         }
-        for block in &mut self.weights.blocks {
-            for linear in [&mut block.qkv, &mut block.o, &mut block.gate_up, &mut block.down] {
-                if let Linear::Dense(w) = linear {
-                    let (out, inp) = w.dims2()?;
-                    let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                    *linear = Linear::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedBf16::pack(&data, out, inp)));
+        let cfg = self.cfg.clone();
+        for (layer, block) in self.weights.blocks.iter_mut().enumerate() {
+            for slot in [Slot::Qkv, Slot::O, Slot::GateUp, Slot::Down] {
+                let linear = slot.of(block);
+                if matches!(linear, Linear::Bf16(_)) {
+                    continue;
                 }
+                let mut w = linear.to_dense(DType::F32)?;
+                if let Some(adapter) = adapter {
+                    for ((l, proj), pair) in adapter.pairs() {
+                        let (target, offset) = Slot::of_projection(*proj, &cfg);
+                        if *l == layer && target == slot {
+                            w = add_rows(&w, offset, &pair.delta_weight()?.to_dtype(DType::F32)?)?;
+                        }
+                    }
+                }
+                let (out, inp) = w.dims2()?;
+                let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                drop(w);
+                *slot.of(block) = Linear::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedBf16::pack(&data, out, inp)));
             }
+            // Hand each block's dequantized copies back before the next one is made.
+            release_freed_heap();
         }
-        self.bf16 = Some(kernel);
+        // The embedding (also the output head when tied, as in SmolLM2) is the largest single
+        // weight left in f32: lookups and the verbalizer's 20 head rows widen what they read,
+        // so it can sit in bf16 too (56 MB less resident for SmolLM2-135M).
+        let tied = self.weights.lm_head.id() == self.weights.embed.id();
+        self.weights.embed = self.weights.embed.to_dtype(DType::BF16)?;
+        self.weights.lm_head = if tied { self.weights.embed.clone() } else { self.weights.lm_head.to_dtype(DType::BF16)? };
         release_freed_heap();
+        self.bf16 = Some(kernel);
         Ok(Some(kernel))
     }
 
@@ -388,32 +473,13 @@ impl Llama {
         let cfg = self.cfg.clone();
         for ((layer, proj), pair) in adapter.pairs() {
             let delta = pair.delta_weight()?.to_dtype(self.dtype)?;
-            let block = &mut self.weights.blocks[*layer];
-            let (linear, offset) = match proj {
-                Projection::QProj => (&mut block.qkv, 0),
-                Projection::KProj => (&mut block.qkv, cfg.q_dim()),
-                Projection::VProj => (&mut block.qkv, cfg.q_dim() + cfg.kv_dim()),
-                Projection::OProj => (&mut block.o, 0),
-                Projection::GateProj => (&mut block.gate_up, 0),
-                Projection::UpProj => (&mut block.gate_up, cfg.intermediate_size),
-                Projection::DownProj => (&mut block.down, 0),
-            };
-            let Linear::Dense(w) = linear else {
+            let (slot, offset) = Slot::of_projection(*proj, &cfg);
+            let Linear::Dense(w) = slot.of(&mut self.weights.blocks[*layer]) else {
                 return Err(RankerError::InvalidAdapter(format!(
                     "cannot merge into quantized {proj:?} of layer {layer}"
                 )));
             };
-            let rows = delta.dim(0)?;
-            let total = w.dim(0)?;
-            let mut parts = Vec::new();
-            if offset > 0 {
-                parts.push(w.narrow(0, 0, offset)?);
-            }
-            parts.push((w.narrow(0, offset, rows)? + delta)?);
-            if offset + rows < total {
-                parts.push(w.narrow(0, offset + rows, total - offset - rows)?);
-            }
-            *w = Tensor::cat(&parts, 0)?.contiguous()?;
+            *w = add_rows(w, offset, &delta)?;
         }
         Ok(())
     }
@@ -502,7 +568,7 @@ impl Llama {
         };
 
         let ids = input.ids.flatten_all()?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         let mut layers = Vec::with_capacity(self.cfg.num_layers);
         let last_layer = self.cfg.num_layers - 1;
         for (i, block) in self.weights.blocks.iter().enumerate() {

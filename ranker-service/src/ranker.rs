@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RankerError, Result};
@@ -92,8 +93,25 @@ impl Ranker {
         adapter: Option<&Path>,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        // bf16 packing dequantizes each projection itself, block by block (see
+        // `Llama::pack_bf16`), so the file's quantized weights are read as they are.
+        let bf16_kernel = match config.precision {
+            WeightPrecision::Bf16 | WeightPrecision::Auto if opts.device.is_cpu() && opts.dtype == DType::F32 => {
+                crate::bf16_gemm::Bf16Kernel::detect()
+            }
+            _ => None,
+        };
+        if config.precision == WeightPrecision::Bf16 && bf16_kernel.is_none() {
+            return Err(RankerError::InvalidModel(
+                "precision = \"bf16\" needs an f32 model on a CPU with AVX-512 BF16, which this is not; use \"auto\" (bf16 where available) or \"f32\"".into(),
+            ));
+        }
         let opts = LoadOptions {
-            precision: config.precision,
+            precision: match (config.precision, bf16_kernel) {
+                (_, Some(_)) => WeightPrecision::Quantized,
+                (WeightPrecision::Auto | WeightPrecision::Bf16, None) => WeightPrecision::F32,
+                (p, None) => p,
+            },
             ..opts.clone()
         };
         let (model, tokenizer) = if config.model.is_dir() {
@@ -113,26 +131,17 @@ impl Ranker {
             (model, tokenizer)
         };
         let mut model = model;
-        if let Some(dir) = adapter {
-            let (lora, _) =
-                crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())?;
-            model.merge_lora(&lora)?;
+        let lora = match adapter {
+            Some(dir) => Some(crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())?.0),
+            None => None,
+        };
+        if bf16_kernel.is_some() {
+            model.pack_bf16(lora.as_ref())?;
+        } else if let Some(lora) = &lora {
+            model.merge_lora(lora)?;
         }
         if !model.device().is_cpu() {
             model.set_kernels(Kernels::Generic);
-        }
-        match config.precision {
-            WeightPrecision::Bf16 => {
-                if model.pack_bf16()?.is_none() {
-                    return Err(RankerError::InvalidModel(
-                        "precision = \"bf16\" needs an f32 model on a CPU with AVX-512 BF16, which this is not; use \"auto\" (bf16 where available) or \"f32\"".into(),
-                    ));
-                }
-            }
-            WeightPrecision::Auto => {
-                model.pack_bf16()?;
-            }
-            WeightPrecision::F32 | WeightPrecision::Quantized => {}
         }
         let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
         Self::new(model, renderer)
