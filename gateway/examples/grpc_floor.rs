@@ -49,6 +49,10 @@ impl Retriever for FixedRetriever {
         Err(Status::unimplemented("the floor measures one Retrieve per Recommend"))
     }
 
+    async fn reload(&self, _: Request<llamarec_proto::v1::ReloadRequest>) -> Result<Response<llamarec_proto::v1::ReloadResponse>, Status> {
+        Err(Status::unimplemented("no models to reload here"))
+    }
+
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<RetrieverInfo>, Status> {
         Ok(Response::new(RetrieverInfo { catalog_fingerprint: FINGERPRINT, ..Default::default() }))
     }

@@ -98,6 +98,8 @@ pub fn model_version(
     Ok(ModelVersion {
         name,
         version: hex::encode(&hash.finalize()[..6]),
+        // Ranker labels come with the ranker's hot reload (issue 20, next slice).
+        label: String::new(),
     })
 }
 

@@ -14,7 +14,7 @@
 //!   bounded heap (with an int8 pass and exact re-scoring for large catalogs, [`quantized`]);
 //!   [`retriever::Retriever`] ties them to a checkpoint.
 //! - Serving over gRPC: [`service`] (the `llamarec.v1.Retriever` handlers), [`server`] (start-up,
-//!   health, drain), configured by the `[retriever]` section ([`service_config`]).
+//!   health, drain, SIGHUP), [`reload`] (the served model's atomic swap), configured by the `[retriever]` section ([`service_config`]).
 
 pub mod catalog;
 pub mod checkpoint;
@@ -23,6 +23,7 @@ pub mod encoder;
 pub mod error;
 pub mod kernels;
 pub mod quantized;
+pub mod reload;
 pub mod retriever;
 pub mod sasrec_encoder;
 pub mod server;

@@ -1,6 +1,7 @@
 //! Builds the retriever service from configuration and serves it.
 
 use crate::checkpoint::{MODEL_FILE, REPORT_FILE};
+use crate::reload::{publish_model_info, Configured, LoadedModel, Reloader};
 use crate::retriever::Retriever;
 use crate::service::{ModelInfo, RetrieverService};
 use crate::service_config::RetrieverServiceConfig;
@@ -18,11 +19,11 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 
-/// Name and content hash (first 12 hex digits of the SHA-256 of `model.safetensors`).
-pub fn model_version(checkpoint: &Path) -> anyhow::Result<ModelVersion> {
+/// Name, content hash (first 12 hex digits of the SHA-256 of `model.safetensors`) and `label`.
+pub fn model_version(checkpoint: &Path, label: &str) -> anyhow::Result<ModelVersion> {
     let path = checkpoint.join(MODEL_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(ModelVersion { name: "lrurec".into(), version: hex::encode(&Sha256::digest(&bytes)[..6]) })
+    Ok(ModelVersion { name: "lrurec".into(), version: hex::encode(&Sha256::digest(&bytes)[..6]), label: label.to_string() })
 }
 
 /// The data set named in the checkpoint's `report.json` ("unknown" without one).
@@ -39,12 +40,16 @@ fn dataset_name(checkpoint: &Path) -> String {
 }
 
 /// Loads the checkpoint and runs one model retrieval and one popularity retrieval, so the first
-/// request does not pay for cold caches.
-pub fn load_and_warm_up(checkpoint: &Path) -> anyhow::Result<(Retriever, ModelInfo)> {
+/// request does not pay for cold caches. Weights that score the catalog with NaN or infinity
+/// (a damaged file that still parses) fail the warm-up rather than serve garbage.
+pub fn load_and_warm_up(checkpoint: &Path, label: &str) -> anyhow::Result<(Retriever, ModelInfo)> {
     let retriever = Retriever::load(checkpoint).with_context(|| format!("loading the retriever checkpoint {}", checkpoint.display()))?;
-    let info = ModelInfo { version: model_version(checkpoint)?, dataset: dataset_name(checkpoint) };
+    let info = ModelInfo { version: model_version(checkpoint, label)?, dataset: dataset_name(checkpoint) };
     let start = Instant::now();
-    retriever.retrieve(&[1], 20, true).context("warm-up retrieval")?;
+    let warm_up = retriever.retrieve(&[1], 20, true).context("warm-up retrieval")?;
+    if let Some(bad) = warm_up.candidates.iter().find(|c| !c.score.is_finite()) {
+        anyhow::bail!("warm-up retrieval scored item {} as {}: the weights are damaged", bad.item, bad.score);
+    }
     retriever.retrieve(&[], 20, true).context("warm-up popularity retrieval")?;
     tracing::info!(warm_up_us = start.elapsed().as_micros() as u64, "retriever warmed up");
     Ok((retriever, info))
@@ -58,14 +63,63 @@ pub async fn serve(layers: &ConfigLayers) -> anyhow::Result<()> {
 }
 
 /// Loads the configured checkpoint, then serves on `listener` until `shutdown` resolves. Health
-/// reports SERVING only once the checkpoint is loaded and warmed up.
+/// reports SERVING only once the checkpoint is loaded and warmed up. SIGHUP re-reads the
+/// configuration (same file, same environment) and reloads its checkpoint and label.
 pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    run_with(layers.section::<RetrieverServiceConfig>()?, listener, shutdown).await
+    let file = layers.file().map(Path::to_path_buf);
+    let reread: RereadConfig = Box::new(move || Ok(ConfigLayers::load(file.as_deref())?.section::<RetrieverServiceConfig>()?));
+    serve_config(layers.section::<RetrieverServiceConfig>()?, listener, shutdown, Some(reread)).await
 }
 
-/// [`run`] with the section already read (the benchmark adjusts it first).
+/// Reads the `[retriever]` section again (for SIGHUP).
+type RereadConfig = Box<dyn Fn() -> anyhow::Result<RetrieverServiceConfig> + Send + Sync>;
+
+/// [`run`] with the section already read (the benchmark adjusts it first); no SIGHUP reload.
 pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let bearer = auth::shared_token_auth("retriever", "retriever", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
+    serve_config(config, listener, shutdown, None).await
+}
+
+/// The server's access checks: every RPC's (the shared backend token, which admin tokens also
+/// pass, since one `authorization` header carries one token) and Reload's (admin tokens only).
+fn access(config: &RetrieverServiceConfig) -> anyhow::Result<(auth::BearerAuth, auth::BearerAuth)> {
+    let token = auth::resolve_secret("retriever.auth_token", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
+    let admin_tokens = match &config.admin_tokens_file {
+        Some(path) => auth::read_tokens_file(path).context("retriever.admin_tokens_file")?,
+        None => Vec::new(),
+    };
+    let callers = match token {
+        Some(token) => auth::BearerAuth::new("retriever", std::iter::once(token).chain(admin_tokens.iter().cloned())),
+        // No backend token: calls are open, and Reload alone asks for an admin token.
+        None => auth::BearerAuth::open("retriever"),
+    };
+    Ok((callers, auth::BearerAuth::new("retriever admin", admin_tokens)))
+}
+
+/// Reloads the configured checkpoint on every SIGHUP, until aborted.
+async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reread: RereadConfig, reloader: Arc<Reloader>) {
+    while hangup.recv().await.is_some() {
+        let config = match reread() {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "SIGHUP: the configuration could not be re-read; the current model keeps serving");
+                continue;
+            }
+        };
+        tracing::info!(checkpoint = %config.checkpoint.display(), "SIGHUP: reloading the configured checkpoint (keys other than checkpoint and model_label apply at the next restart)");
+        let configured = Configured { checkpoint: config.checkpoint.clone(), label: config.label() };
+        if let Err(e) = reloader.reload_configured(configured).await {
+            tracing::warn!(error = %e, "SIGHUP: reload refused");
+        }
+    }
+}
+
+async fn serve_config(
+    config: RetrieverServiceConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reread: Option<RereadConfig>,
+) -> anyhow::Result<()> {
+    let (bearer, admin) = access(&config)?;
     // TLS files are read before the checkpoint loads, so a bad path stops the start at once.
     let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("retriever.tls")?;
     auth::warn_if_exposed("retriever", listener.local_addr()?, &bearer, tls.is_some());
@@ -74,14 +128,25 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     if let Some(addr) = config.health_listen {
         serving::spawn_health_listener(addr, health_service.clone()).await.context("retriever.health_listen")?;
     }
-    let checkpoint = config.checkpoint.clone();
-    let (retriever, info) = tokio::task::spawn_blocking(move || load_and_warm_up(&checkpoint)).await??;
+    let (checkpoint, label) = (config.checkpoint.clone(), config.label());
+    let (retriever, info) = tokio::task::spawn_blocking(move || load_and_warm_up(&checkpoint, &label)).await??;
     if let Some(addr) = config.metrics_listen {
         llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
+    publish_model_info(&info.version, 1.0);
     let num_items = retriever.catalog().num_items();
     let retriever = retriever.with_state_cache(config.state_cache_bytes);
-    let service = RetrieverService::new(Arc::new(retriever), info.clone(), &config);
+    let configured = Configured { checkpoint: config.checkpoint.clone(), label: config.label() };
+    let reloader = Arc::new(Reloader::new(LoadedModel { retriever, info: info.clone() }, configured, config.state_cache_bytes));
+    // Registered before SERVING: from then on SIGHUP reloads instead of ending the process.
+    let sighup = match reread {
+        Some(reread) => {
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
+            Some(tokio::spawn(reload_on_sighup(hangup, reread, reloader.clone())))
+        }
+        None => None,
+    };
+    let service = RetrieverService::new(reloader, admin.clone(), &config);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("retriever.tls")?;
@@ -96,11 +161,17 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
         listen = %listener.local_addr()?,
         tls = config.tls.is_some(),
         bearer_auth = bearer.is_enabled(),
+        reload = admin.is_enabled(),
         checkpoint = %config.checkpoint.display(),
         version = %info.version.version,
+        label = %info.version.label,
         items = num_items,
         "retriever serving"
     );
-    serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
+    let served = serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await;
+    if let Some(task) = sighup {
+        task.abort();
+    }
+    served?;
     Ok(())
 }

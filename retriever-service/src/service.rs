@@ -1,14 +1,17 @@
 //! The `llamarec.v1.Retriever` gRPC service: validation, admission, compute on the blocking
 //! pool, and the one mapping from service errors to status codes.
 
-use crate::retriever::{CandidateSource, Retriever};
+use crate::reload::{LoadedModel, ModelSlot, Reloader};
+use crate::retriever::CandidateSource;
 use crate::service_config::RetrieverServiceConfig;
+use llamarec_common::auth::BearerAuth;
 use llamarec_common::request_id::request_id_of;
 use llamarec_proto::v1::retriever_server;
 use llamarec_proto::v1::{
-    retrieve_result, InfoRequest, ModelVersion, RetrieveBatchRequest, RetrieveBatchResponse, RetrieveError, RetrieveRequest, RetrieveResponse,
-    RetrieveResult, RetrievedItem, RetrieverInfo,
+    retrieve_result, InfoRequest, ModelVersion, ReloadRequest, ReloadResponse, RetrieveBatchRequest, RetrieveBatchResponse, RetrieveError,
+    RetrieveRequest, RetrieveResponse, RetrieveResult, RetrievedItem, RetrieverInfo,
 };
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -44,19 +47,26 @@ impl From<ServiceError> for Status {
     }
 }
 
-/// What the service answers Info with, fixed at load time.
+/// What the service answers Info with, fixed when a checkpoint is loaded.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// Name and content hash of the weights.
+    /// Name, content hash of the weights and label.
     pub version: ModelVersion,
     /// Data set the checkpoint was trained on.
     pub dataset: String,
 }
 
+/// Longest checkpoint path a Reload may name, in bytes.
+const MAX_CHECKPOINT_PATH_LEN: usize = 4096;
+
 /// The service's state, shared by all requests.
 pub struct RetrieverService {
-    retriever: Arc<Retriever>,
-    info: ModelInfo,
+    /// The served model; each request loads it once, at admission, and keeps that one to its
+    /// answer, so a reload never mixes two models (or two catalogs) in one request.
+    model: Arc<ModelSlot>,
+    reloader: Arc<Reloader>,
+    /// Who may call Reload; disabled (no admin tokens) means Reload is refused.
+    admin: BearerAuth,
     max_k: u32,
     max_history: u32,
     max_item_id_len: usize,
@@ -66,11 +76,12 @@ pub struct RetrieverService {
 }
 
 impl RetrieverService {
-    /// Wires the service around a loaded retriever.
-    pub fn new(retriever: Arc<Retriever>, info: ModelInfo, config: &RetrieverServiceConfig) -> Self {
+    /// Wires the service around the model slot its reloader swaps.
+    pub fn new(reloader: Arc<Reloader>, admin: BearerAuth, config: &RetrieverServiceConfig) -> Self {
         Self {
-            retriever,
-            info,
+            model: reloader.slot(),
+            reloader,
+            admin,
             max_k: config.max_k,
             max_history: config.max_history,
             max_item_id_len: config.max_item_id_len,
@@ -83,7 +94,7 @@ impl RetrieverService {
     /// Dense indices of the request's history (`history` or `history_indices`), after checking
     /// k, the history and the catalog fingerprint against the limits.
     /// Takes `history_indices` out of the request instead of copying it.
-    fn validate(&self, req: &mut RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
+    fn validate(&self, model: &LoadedModel, req: &mut RetrieveRequest) -> Result<Vec<u32>, ServiceError> {
         if req.k == 0 || req.k > self.max_k {
             return Err(ServiceError::InvalidArgument(format!("k is {}; it must be within 1..={} ([retriever] max_k)", req.k, self.max_k)));
         }
@@ -94,7 +105,7 @@ impl RetrieverService {
                 self.max_history
             )));
         }
-        let catalog = self.retriever.catalog();
+        let catalog = model.retriever.catalog();
         if req.catalog_fingerprint != 0 && req.catalog_fingerprint != catalog.fingerprint() {
             return Err(ServiceError::FailedPrecondition(format!(
                 "catalog_fingerprint {:016x} is not this retriever's catalog ({:016x}); send external item ids in `history`",
@@ -139,19 +150,24 @@ impl RetrieverService {
     /// start all its requests before awaiting any: its blocking ones then run side by side.
     fn start(&self, mut req: RetrieveRequest) -> Result<Started, ServiceError> {
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded(self.max_in_flight))?;
-        let history = self.validate(&mut req)?;
-        let retriever = self.retriever.clone();
+        // The one load of the model for this request: validation, compute and the answer's
+        // catalog and version all come from it, whatever a reload swaps in meanwhile.
+        let model = self.model.load_full();
+        let history = self.validate(&model, &mut req)?;
         let (k, exclude, indices_only) = (req.k as usize, req.exclude_history, req.indices_only);
         let start = Instant::now();
-        let compute = match retriever.retrieve_if_cheap(&history, k, exclude) {
+        let compute = match model.retriever.retrieve_if_cheap(&history, k, exclude) {
             Some(retrieval) => Compute::Done(Ok(retrieval), start.elapsed()),
-            None => Compute::Blocking(tokio::task::spawn_blocking(move || {
-                let start = Instant::now();
-                let retrieval = retriever.retrieve(&history, k, exclude);
-                (retrieval, start.elapsed())
-            })),
+            None => {
+                let model = model.clone();
+                Compute::Blocking(tokio::task::spawn_blocking(move || {
+                    let start = Instant::now();
+                    let retrieval = model.retriever.retrieve(&history, k, exclude);
+                    (retrieval, start.elapsed())
+                }))
+            }
         };
-        Ok(Started { compute, indices_only, _permit: permit })
+        Ok(Started { model, compute, indices_only, _permit: permit })
     }
 
     /// Waits for a started request's compute and builds its answer.
@@ -162,7 +178,7 @@ impl RetrieverService {
         };
         let retrieval = retrieval.map_err(|e| ServiceError::Internal(e.to_string()))?;
         metrics::histogram!("llamarec_retriever_compute_duration_seconds").record(compute.as_secs_f64());
-        let catalog = self.retriever.catalog();
+        let catalog = started.model.retriever.catalog();
         let items = retrieval
             .candidates
             .iter()
@@ -178,7 +194,7 @@ impl RetrieverService {
         Ok(RetrieveResponse {
             items,
             popularity_fallback: retrieval.source == CandidateSource::Popularity,
-            model: Some(self.info.version.clone()),
+            model: Some(started.model.info.version.clone()),
             compute_us: compute.as_micros() as u64,
         })
     }
@@ -186,6 +202,8 @@ impl RetrieverService {
 
 /// A request past admission and validation, its compute done or running on the blocking pool.
 struct Started {
+    /// The model the request was admitted with.
+    model: Arc<LoadedModel>,
     compute: Compute,
     indices_only: bool,
     /// Held until the answer is built: the request counts against `max_in_flight` till then.
@@ -206,6 +224,8 @@ fn record(method: &'static str, start: Instant, status: Code) {
         Code::FailedPrecondition => "FailedPrecondition",
         Code::ResourceExhausted => "ResourceExhausted",
         Code::Internal => "Internal",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::Unauthenticated => "Unauthenticated",
         _ => "Other",
     };
     metrics::counter!("llamarec_retriever_requests_total", "method" => method, "status" => status).increment(1);
@@ -282,18 +302,58 @@ impl retriever_server::Retriever for RetrieverService {
     async fn info(&self, request: Request<InfoRequest>) -> Result<Response<RetrieverInfo>, Status> {
         let start = Instant::now();
         tracing::Span::current().record("request_id", request_id_of(&request).as_str());
-        let config = self.retriever.encoder().config();
+        let model = self.model.load_full();
+        let config = model.retriever.encoder().config();
         let info = RetrieverInfo {
-            model: Some(self.info.version.clone()),
+            model: Some(model.info.version.clone()),
             num_items: config.num_items as u32,
             max_k: self.max_k,
             max_history: self.max_history,
             embedding_dim: config.embed_dim as u32,
-            dataset: self.info.dataset.clone(),
-            catalog_fingerprint: self.retriever.catalog().fingerprint(),
+            dataset: model.info.dataset.clone(),
+            catalog_fingerprint: model.retriever.catalog().fingerprint(),
             max_batch: self.max_batch,
         };
         record("info", start, Code::Ok);
         Ok(Response::new(info))
+    }
+
+    #[instrument(skip_all, fields(request_id))]
+    async fn reload(&self, request: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
+        let start = Instant::now();
+        tracing::Span::current().record("request_id", request_id_of(&request).as_str());
+        let result = self.reload_checked(request).await;
+        record("reload", start, result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+        if let Err(status) = &result {
+            tracing::warn!(code = ?status.code(), message = status.message(), "reload refused");
+        }
+        result.map(Response::new)
+    }
+}
+
+impl RetrieverService {
+    /// Reload behind the admin check: refused outright when no admin token is configured
+    /// (secure default: an unconfigured retriever cannot be made to load files).
+    async fn reload_checked(&self, request: Request<ReloadRequest>) -> Result<ReloadResponse, Status> {
+        if !self.admin.is_enabled() {
+            return Err(Status::permission_denied(
+                "Reload is disabled on this retriever: no admin tokens are configured; set `[retriever] admin_tokens_file` \
+                 (LLAMAREC_RETRIEVER__ADMIN_TOKENS_FILE) to a file of tokens, restart it, and send one as `authorization: Bearer <token>`",
+            ));
+        }
+        self.admin.check(request.metadata())?;
+        let req = request.into_inner();
+        if req.checkpoint.len() > MAX_CHECKPOINT_PATH_LEN {
+            return Err(Status::invalid_argument(format!("checkpoint is {} bytes; the limit is {MAX_CHECKPOINT_PATH_LEN}", req.checkpoint.len())));
+        }
+        let checkpoint = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
+        let label = (!req.label.is_empty()).then_some(req.label);
+        let reloaded = self.reloader.reload(checkpoint, label).await?;
+        Ok(ReloadResponse {
+            previous: Some(reloaded.previous),
+            current: Some(reloaded.current),
+            checkpoint: reloaded.checkpoint.display().to_string(),
+            load_ms: reloaded.load.as_millis() as u64,
+        })
     }
 }

@@ -18,6 +18,14 @@ pub struct RetrieverServiceConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Checkpoint directory served (and written by `llamarec train retriever`).
     pub checkpoint: PathBuf,
+    /// Human label of the served checkpoint, reported beside its content hash in Info, every
+    /// answer's `model` and the `llamarec_retriever_model_info` metric. None: the checkpoint
+    /// directory's name.
+    pub model_label: Option<String>,
+    /// Files of admin tokens (one per line, `#` comments), any of which may call the Reload RPC.
+    /// None: Reload is refused (PERMISSION_DENIED). An admin token also passes the
+    /// `auth_token` check, so an operator needs only one.
+    pub admin_tokens_file: Option<PathBuf>,
     /// Largest `k` a request may ask for.
     pub max_k: u32,
     /// Longest history a request may send; the model reads its last `max_len` events.
@@ -64,6 +72,8 @@ impl Default for RetrieverServiceConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
             checkpoint: PathBuf::from("retriever-service/checkpoints/ml-100k"),
+            model_label: None,
+            admin_tokens_file: None,
             max_k: 200,
             max_history: 1000,
             max_in_flight: 64,
@@ -87,6 +97,9 @@ impl Section for RetrieverServiceConfig {
 
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |key: &str, reason: &str| Err((key.to_string(), reason.to_string()));
+        if let Some(label) = &self.model_label {
+            check_label(label).map_err(|e| ("model_label".to_string(), e))?;
+        }
         if self.max_k == 0 {
             return err("max_k", "must be at least 1");
         }
@@ -120,6 +133,35 @@ impl Section for RetrieverServiceConfig {
     }
 }
 
+/// Longest model label accepted, in bytes.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// A model label: 1..=128 visible ASCII characters (it becomes a Prometheus label value and is
+/// printed in logs, so no control characters or newlines).
+pub fn check_label(label: &str) -> Result<(), String> {
+    if label.is_empty() || label.len() > MAX_LABEL_LEN {
+        return Err(format!("is {} bytes; a label must be 1..={MAX_LABEL_LEN} bytes", label.len()));
+    }
+    if !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!("{label:?} holds a character other than visible ASCII and spaces"));
+    }
+    Ok(())
+}
+
+impl RetrieverServiceConfig {
+    /// The label of the configured checkpoint: `model_label`, else the directory's name.
+    pub fn label(&self) -> String {
+        self.model_label.clone().unwrap_or_else(|| default_label(&self.checkpoint))
+    }
+}
+
+/// A checkpoint directory's name (the path as given when it has none, e.g. `.`), cut to a valid label.
+pub fn default_label(checkpoint: &std::path::Path) -> String {
+    let name = checkpoint.file_name().map_or_else(|| checkpoint.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let label: String = name.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '_' }).take(MAX_LABEL_LEN).collect();
+    if label.is_empty() { "checkpoint".into() } else { label }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +179,18 @@ mod tests {
         std::fs::write(file.path(), "[retriever]\nmax_k = 0\n").unwrap();
         let e = ConfigLayers::load_with_env(Some(file.path()), Some(vec![])).unwrap().section::<RetrieverServiceConfig>().unwrap_err();
         assert!(e.to_string().contains("retriever.max_k"), "{e}");
+
+        std::fs::write(file.path(), "[retriever]\nmodel_label = \"a\\nb\"\n").unwrap();
+        let e = ConfigLayers::load_with_env(Some(file.path()), Some(vec![])).unwrap().section::<RetrieverServiceConfig>().unwrap_err();
+        assert!(e.to_string().contains("retriever.model_label"), "{e}");
+    }
+
+    #[test]
+    fn the_label_defaults_to_the_checkpoint_directory_name() {
+        let mut c = RetrieverServiceConfig { checkpoint: PathBuf::from("retriever-service/checkpoints/ml-100k"), ..Default::default() };
+        assert_eq!(c.label(), "ml-100k");
+        c.model_label = Some("longer run".into());
+        assert_eq!(c.label(), "longer run");
+        assert!(check_label("").is_err() && check_label(&"x".repeat(129)).is_err() && check_label("tab\there").is_err());
     }
 }

@@ -237,6 +237,10 @@ mod tests {
             Ok(tonic::Response::new(RetrieveBatchResponse { results }))
         }
 
+        async fn reload(&self, _: Request<llamarec_proto::v1::ReloadRequest>) -> Result<tonic::Response<llamarec_proto::v1::ReloadResponse>, Status> {
+            Err(Status::unimplemented("no models to reload here"))
+        }
+
         async fn info(&self, _: Request<InfoRequest>) -> Result<tonic::Response<RetrieverInfo>, Status> {
             Ok(tonic::Response::new(RetrieverInfo::default()))
         }
