@@ -79,5 +79,8 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     if !path.is_file() {
         return Err(RetrieverError::Checkpoint { path: path.to_path_buf(), reason: "file not found".into() });
     }
-    Ok(candle_core::safetensors::load(path, device)?)
+    // candle's error ("incomplete metadata, file not fully covered") does not say which file;
+    // a refused reload or start must.
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| RetrieverError::Checkpoint { path: path.to_path_buf(), reason: format!("not a readable safetensors file: {e}") })
 }

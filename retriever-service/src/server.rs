@@ -46,9 +46,19 @@ pub fn load_and_warm_up(checkpoint: &Path, label: &str) -> anyhow::Result<(Retri
     let retriever = Retriever::load(checkpoint).with_context(|| format!("loading the retriever checkpoint {}", checkpoint.display()))?;
     let info = ModelInfo { version: model_version(checkpoint, label)?, dataset: dataset_name(checkpoint) };
     let start = Instant::now();
+    // Non-finite scores never enter the top-k heap (every comparison with NaN is false), so a
+    // damaged model shows as a short or non-finite answer, or a non-finite query vector.
+    let query = retriever.state(&[1]).context("warm-up encoding")?;
+    if query.output.iter().any(|x| !x.is_finite()) {
+        anyhow::bail!("warm-up retrieval: the encoder's output for a one-item history is not finite: the weights are damaged");
+    }
+    let wanted = 20.min(retriever.catalog().num_items().saturating_sub(1));
     let warm_up = retriever.retrieve(&[1], 20, true).context("warm-up retrieval")?;
     if let Some(bad) = warm_up.candidates.iter().find(|c| !c.score.is_finite()) {
         anyhow::bail!("warm-up retrieval scored item {} as {}: the weights are damaged", bad.item, bad.score);
+    }
+    if warm_up.candidates.len() < wanted {
+        anyhow::bail!("warm-up retrieval returned {} of {wanted} candidates: the weights are damaged", warm_up.candidates.len());
     }
     retriever.retrieve(&[], 20, true).context("warm-up popularity retrieval")?;
     tracing::info!(warm_up_us = start.elapsed().as_micros() as u64, "retriever warmed up");
