@@ -60,6 +60,9 @@ enum Command {
     ScorePrompt(commands::score_prompt::ScorePromptArgs),
     /// Ask a running gateway for recommendations.
     Recommend(commands::recommend::RecommendArgs),
+    /// Load a new model into a running service without a restart (admin token).
+    #[command(subcommand)]
+    Reload(commands::reload::ReloadCommand),
     /// Drive a gateway open-loop from a traffic file; report throughput, latency, errors.
     Replay(commands::replay::ReplayArgs),
     /// Traffic files for `replay`.
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rank(args) => commands::rank::run(&layers, args),
         Command::ScorePrompt(args) => commands::score_prompt::run(&layers, args),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
+        Command::Reload(cmd) => runtime()?.block_on(commands::reload::run(cmd)),
         Command::Replay(args) => runtime()?.block_on(commands::replay::run(&layers, args)),
         Command::Traffic(cmd) => commands::traffic::run(&layers, cmd),
         Command::Config(cmd) => commands::config::run(&cmd),

@@ -15,6 +15,7 @@ pub mod json;
 pub mod learning_curve;
 pub mod rank;
 pub mod recommend;
+pub mod reload;
 pub mod replay;
 pub mod score_prompt;
 pub mod serve;
