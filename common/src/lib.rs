@@ -1,6 +1,6 @@
 //! Code that more than one llamarec crate needs: data sets and their preprocessing, ranking
 //! metrics (Recall/NDCG/MRR, not Prometheus), the layered configuration, the server plumbing,
-//! the request id, asset fetching and telemetry set-up.
+//! the request id, the seeded generator, asset fetching and telemetry set-up.
 
 pub mod assets;
 pub mod auth;
@@ -9,6 +9,7 @@ pub mod data;
 pub mod fusion;
 pub mod ranking_metrics;
 pub mod request_id;
+pub mod rng;
 pub mod serving;
 pub mod telemetry;
 

@@ -8,14 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
-/// SplitMix64's output function: a cheap, well-mixed hash of `x` for sampling decisions.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Creates `path` (and its directory) for a capture, keeping a non-empty earlier file as
 /// `<path>.<unix seconds>`.
 pub fn open_capture_file(path: &Path) -> anyhow::Result<std::fs::File> {

@@ -13,10 +13,11 @@
 //! written as one JSON line, a [`ShadowRecord`] with the request id, to `path` for offline
 //! comparison with the served (retriever) order.
 
-use crate::capture::{open_capture_file, spawn_jsonl_writer, splitmix64};
+use crate::capture::{open_capture_file, spawn_jsonl_writer};
 use crate::config::ShadowRankerConfig;
 use crate::merge::Retrieved;
 use crate::ranker_client::Ranker;
+use llamarec_common::rng::splitmix64;
 use llamarec_proto::v1::DegradedReason;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -7,8 +7,9 @@
 //! writes. When the channel is full the record is dropped and counted
 //! (`llamarec_gateway_traffic_dropped_total`): capture never slows or blocks a request.
 
-use crate::capture::{open_capture_file, spawn_jsonl_writer, splitmix64};
+use crate::capture::{open_capture_file, spawn_jsonl_writer};
 use crate::config::TrafficConfig;
+use llamarec_common::rng::splitmix64;
 use llamarec_proto::v1::{Event, InlineHistory, RecommendOptions, RecommendRequest};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};

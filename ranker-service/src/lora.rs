@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Tensor, D};
+use llamarec_common::rng::Rng;
 
 use crate::config::LlamaConfig;
 use crate::error::{RankerError, Result};
@@ -106,13 +107,16 @@ pub struct LoraAdapter {
 #[derive(Debug)]
 pub(crate) struct LoraDropout {
     p: f32,
-    state: u64,
+    rng: Rng,
 }
 
 impl LoraDropout {
     /// A mask stream with drop probability `p`, seeded with `seed`.
     pub(crate) fn new(p: f32, seed: u64) -> Self {
-        Self { p, state: seed }
+        Self {
+            p,
+            rng: Rng::new(seed),
+        }
     }
 
     /// The next `n` mask values: 0 (dropped) or `1 / (1 - p)` (kept).
@@ -120,13 +124,7 @@ impl LoraDropout {
         let keep = 1.0 / (1.0 - self.p);
         (0..n)
             .map(|_| {
-                // SplitMix64.
-                self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = self.state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
-                if u < self.p {
+                if self.rng.next_f32() < self.p {
                     0.0
                 } else {
                     keep
@@ -281,5 +279,25 @@ impl LoraAdapter {
             });
         }
         Ok(Some(Tensor::cat(&outs, D::Minus1)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoraDropout;
+
+    /// The masks the stream drew before it moved onto the shared generator: a resumed training
+    /// run must see the same ones.
+    #[test]
+    fn dropout_masks_are_pinned() {
+        assert_eq!(
+            LoraDropout::new(0.5, 123).mask(10),
+            [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 2.0, 0.0]
+        );
+        let k = 1.0 / (1.0 - 0.3f32);
+        assert_eq!(
+            LoraDropout::new(0.3, 9).mask(12),
+            [k, k, 0.0, k, 0.0, 0.0, k, k, 0.0, k, k, 0.0]
+        );
     }
 }

@@ -22,7 +22,6 @@ pub mod frozen;
 pub mod gradients;
 pub mod native;
 pub mod optim;
-pub mod rng;
 pub mod trainable;
 pub mod validation;
 
@@ -42,7 +41,9 @@ pub use examples::{build_example, epoch_order, Example, NegativeKind, PrefixRef}
 pub use gradients::{ExampleGradients, ExampleInput};
 pub use optim::{AdamW, AdamWConfig, NamedVar};
 pub use config::{Backprop, LossKind, RankerTrainConfig};
-pub use rng::Rng;
+/// The trainer's generator, saved in `checkpoint/trainer_state.json`; shared with the rest of the
+/// workspace.
+pub use llamarec_common::rng::{self, Rng};
 pub use trainable::{example_loss, TrainableLora};
 pub use validation::{evaluate, retriever_order, Evaluation, FusedValidation, ValidationCase, ValidationOutcome, FUSION_WEIGHTS};
 use validation::titles_of;

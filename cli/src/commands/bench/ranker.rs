@@ -17,6 +17,7 @@ use super::write_json;
 use crate::commands::rank::{load_ranker, ModelArgs};
 use anyhow::{bail, Context, Result};
 use llamarec_common::config::ConfigLayers;
+use llamarec_common::rng::Rng;
 use ranker_service::generate::GreedyDecoder;
 use ranker_service::sample::movielens_request;
 use ranker_service::{KvCache, Llama, Positions, PromptRenderer, PromptTemplate, RankerModelConfig, ScoreInput, TokenBatch, Tokenizer};
@@ -386,13 +387,9 @@ fn single_token_words(tokenizer: &Tokenizer) -> Result<Vec<&'static str>> {
 
 /// `count` distinct-looking titles of `len` single-token words, deterministic per `seed`.
 fn synthetic_titles(words: &[&str], len: usize, count: usize, seed: u64) -> Vec<String> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
+    let mut rng = Rng::new(seed);
     (0..count)
-        .map(|_| (0..len.max(1)).map(|_| words[next() % words.len()]).collect::<Vec<_>>().join(" "))
+        .map(|_| (0..len.max(1)).map(|_| words[rng.below(words.len())]).collect::<Vec<_>>().join(" "))
         .collect()
 }
 
