@@ -5,6 +5,9 @@
 #                     ([gateway] backend_token_file, [retriever]/[ranker] auth_token_file)
 #   client-tokens     tokens callers send to the gateway, one per line ([gateway.auth] tokens_file)
 #   redis-password    Redis `requirepass` ([gateway.store] password_file)
+#   admin-tokens      operators' tokens for the retriever's Reload RPC, one per line
+#                     ([retriever] admin_tokens_file; mounted into the retriever only, never the
+#                     gateway, so a gateway compromise cannot swap models)
 #   ca.crt            a private CA (ca.key beside it stays here: it is not mounted anywhere)
 #   backend.crt/.key  the retriever's and the rankers' certificate, for the names the gateway
 #                     dials (`retriever`, `ranker`) and `localhost` (the containers' own
@@ -39,6 +42,7 @@ token() { printf 'llr-%s\n' "$(openssl rand -hex 24)"; }
 [[ -s backend-token ]] || token > backend-token
 [[ -s client-tokens ]] || { echo "# callers of the gateway, one token per line"; token; } > client-tokens
 [[ -s redis-password ]] || token > redis-password
+[[ -s admin-tokens ]] || { echo "# operators allowed to call Reload (llamarec reload --admin-token), one per line"; token; } > admin-tokens
 
 if [[ ! -s ca.crt || ! -s ca.key ]]; then
   openssl req -x509 -newkey rsa:3072 -nodes -days 825 -subj "/CN=llamarec private CA" \
@@ -59,7 +63,7 @@ leaf backend "DNS:retriever,DNS:ranker,DNS:retriever.llamarec.svc,DNS:ranker.lla
 leaf gateway "DNS:gateway,DNS:gateway.llamarec.svc,DNS:localhost,IP:127.0.0.1"
 # The services run as non-root users other than the one running this script (compose bind-mounts
 # these files as they are): readable, while the directory itself stays private.
-chmod 644 ./*.crt backend-token client-tokens redis-password backend.key gateway.key
+chmod 644 ./*.crt backend-token client-tokens redis-password admin-tokens backend.key gateway.key
 chmod 600 ca.key
 echo "secrets in $(pwd)"
 
@@ -70,6 +74,7 @@ if $k8s; then
   apply generic llamarec-backend-token --from-file=token=backend-token
   apply generic llamarec-client-tokens --from-file=tokens=client-tokens
   apply generic llamarec-redis --from-file=password=redis-password
+  apply generic llamarec-admin-tokens --from-file=tokens=admin-tokens
   apply generic llamarec-backend-tls --from-file=ca.crt=ca.crt --from-file=tls.crt=backend.crt --from-file=tls.key=backend.key
   apply generic llamarec-gateway-tls --from-file=ca.crt=ca.crt --from-file=tls.crt=gateway.crt --from-file=tls.key=gateway.key
 fi

@@ -235,6 +235,7 @@ SECRET_FILES = {
     ],
     "retriever": [
         (("retriever", "auth_token_file"), "the backend token it requires"),
+        (("retriever", "admin_tokens_file"), "the operators' Reload tokens"),
         (("retriever", "tls", "cert"), "its TLS certificate"),
         (("retriever", "tls", "key"), "its TLS key"),
     ],
@@ -269,6 +270,9 @@ def check_config_security(cfg: dict, where: str) -> list[tuple[str, str, str]]:
         listen = cfg.get(section, {}).get("listen", "127.0.0.1:0")
         if not host_port(listen)[0] in ("127.0.0.1", "localhost", "[::1]") and not cfg[section].get("tls"):
             fail(f"{where}: [{section}] listens on {listen} without [{section}.tls]: the backend token would cross the network in clear")
+    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
+    if admin and admin in (lookup(cfg, ("retriever", "auth_token_file")), lookup(cfg, ("gateway", "backend_token_file"))):
+        fail(f"{where}: [retriever] admin_tokens_file is the backend token's file: whoever holds the gateway's token could swap models")
     needed = []
     for service, items in SECRET_FILES.items():
         if service not in cfg:
@@ -327,6 +331,15 @@ def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
         files = secret_files(pod_spec(d), pod_spec(d)["containers"][0])
         if path not in files:
             fail(f"{source}: {kn(d)} does not mount {path} ({what}) from a Secret")
+    # The Reload RPC's admin tokens: mounted into the retriever only.
+    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
+    admin_secret = None
+    if admin and "retriever" in deployments:
+        r = deployments["retriever"]
+        admin_secret = secret_files(pod_spec(r), pod_spec(r)["containers"][0]).get(str(admin))
+    for name, d in deployments.items():
+        if name != "retriever" and admin_secret and admin_secret in secret_files(pod_spec(d), pod_spec(d)["containers"][0]).values():
+            fail(f"{source}: {kn(d)} mounts the retriever's admin tokens (Secret {admin_secret}): only the retriever may")
     # Redis: requirepass from a Secret, the same one the gateway reads.
     redis = deployments.get("redis")
     if redis is not None:
@@ -467,6 +480,11 @@ def check_compose_security(doc: dict, services: dict, base: pathlib.Path, path: 
     for service, file, what in check_config_security(cfg, f"{path}: {cfg_path}"):
         if service in services and file not in mounted.get(service, {}):
             fail(f"{path}: service {service} does not mount {file} ({what}) as a secret")
+    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
+    admin_src = mounted.get("retriever", {}).get(str(admin)) if admin else None
+    for name, files in mounted.items():
+        if name != "retriever" and admin_src and admin_src in files.values():
+            fail(f"{path}: service {name} mounts the retriever's admin tokens ({admin_src}): only the retriever may")
     if "redis" in services:
         script = " ".join(str(a) for a in (services["redis"].get("command") or []))
         m = re.search(r"requirepass\s+\S*\$\$?\(cat\s+([^)\s]+)\)", script)
