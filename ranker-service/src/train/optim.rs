@@ -1,15 +1,14 @@
 //! AdamW over the LoRA matrices with moments that can be saved and restored (resume).
 //!
-//! candle-nn's `AdamW` keeps its moments private (no resume), and the retriever's optimiser
-//! (`retriever_service::optim`) is tied to that crate's parameter type and to one `GradStore`
-//! per step, while the ranker accumulates gradients over several examples; the update rule is
-//! the same (decoupled weight decay, bias-corrected moments, global-norm clipping).
+//! The update itself is `llamarec_optim`'s, shared with the retriever; what is the ranker's own
+//! is the learning rate passed per step (warm-up), gradients accumulated over several examples,
+//! and the LoRA matrices by PEFT name.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
+use llamarec_optim::{MomentConfig, Step};
 use serde::{Deserialize, Serialize};
 
 /// AdamW hyper-parameters (the learning rate is passed per step: warm-up schedules it).
@@ -73,38 +72,28 @@ impl AdamW {
         lr: f64,
         max_norm: Option<f64>,
     ) -> Result<f64> {
-        let mut sq = 0.0f64;
-        for g in grads {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let norm = sq.sqrt();
-        let scale = match max_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
+        let norm = llamarec_optim::global_norm(grads)?;
         self.steps += 1;
         let c = self.config;
-        let t = self.steps as i32;
-        let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let moments = MomentConfig {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+        };
+        let step = Step::new(self.steps, lr, moments, norm, max_norm);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let g = (g * scale)?;
-            self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&self.m[i] / bias1)? / ((&self.v[i] / bias2)?.sqrt()? + c.eps)?)?;
-            let theta = (p.var.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
-            p.var.set(&(theta - (update * lr)?)?)?;
+            step.apply(&p.var, g, &mut self.m[i], &mut self.v[i], c.weight_decay)?;
         }
         Ok(norm)
     }
 
     /// Writes the moments (`{name}.m`, `{name}.v`) as safetensors.
     pub fn save(&self, params: &[NamedVar], path: &Path) -> Result<()> {
-        let mut map = HashMap::new();
-        for (i, p) in params.iter().enumerate() {
-            map.insert(format!("{}.m", p.name), self.m[i].clone());
-            map.insert(format!("{}.v", p.name), self.v[i].clone());
-        }
-        candle_core::safetensors::save(&map, path)?;
+        let moments = params
+            .iter()
+            .zip(self.m.iter().zip(&self.v))
+            .map(|(p, (m, v))| (p.name.as_str(), m, v));
+        llamarec_optim::save_moments(moments, path)?;
         Ok(())
     }
 
@@ -118,12 +107,12 @@ impl AdamW {
             .with_context(|| format!("reading {}", path.display()))?;
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for p in params {
-            for (suffix, out) in [("m", &mut m), ("v", &mut v)] {
-                let name = format!("{}.{suffix}", p.name);
-                match tensors.remove(&name) {
-                    Some(t) if t.dims() == p.var.dims() => out.push(t),
-                    _ => bail!("{}: no {name} of shape {:?}", path.display(), p.var.dims()),
+            match llamarec_optim::take_moments(&mut tensors, &p.name, p.var.dims()) {
+                Ok((pm, pv)) => {
+                    m.push(pm);
+                    v.push(pv);
                 }
+                Err(name) => bail!("{}: no {name} of shape {:?}", path.display(), p.var.dims()),
             }
         }
         Ok(Self {

@@ -1,12 +1,13 @@
 //! AdamW with per-parameter weight-decay groups, global gradient-norm clipping, and a state that
-//! can be saved and restored (candle's optimiser keeps its moments private, which rules out
-//! resuming).
+//! can be saved and restored. The update itself is `llamarec_optim`'s, shared with the ranker;
+//! what is the retriever's own is one `GradStore` per step, parameters a step may not touch, and
+//! the weight-decay groups.
 
 use crate::error::{Result, RetrieverError};
 use crate::train::params::Param;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+use llamarec_optim::{MomentConfig, Step};
 use std::path::Path;
 
 /// AdamW hyper-parameters.
@@ -61,32 +62,15 @@ impl AdamW {
     /// `clip_grad_norm_`), applies one AdamW update, and returns the norm before clipping.
     pub fn step(&mut self, params: &[Param], grads: &GradStore, max_norm: Option<f64>) -> Result<f64> {
         let grads: Vec<Option<&Tensor>> = params.iter().map(|p| grads.get(p.var.as_tensor())).collect();
-        let mut sq = 0.0f64;
-        for g in grads.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let norm = sq.sqrt();
-        let scale = match max_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
+        let norm = llamarec_optim::global_norm(grads.iter().flatten().copied())?;
         self.step += 1;
         let c = &self.config;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let step = Step::new(self.step, c.lr, MomentConfig { beta1: c.beta1, beta2: c.beta2, eps: c.eps }, norm, max_norm);
         for ((p, g), mom) in params.iter().zip(grads).zip(&mut self.moments) {
             // A parameter the loss did not touch (e.g. unused) keeps its value and moments.
             let Some(g) = g else { continue };
-            let g = (g * scale)?;
-            mom.m = ((&mom.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            mom.v = ((&mom.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let m_hat = (&mom.m / bias1)?;
-            let v_hat = (&mom.v / bias2)?;
             let decay = if p.decays() { c.weight_decay } else { 0.0 };
-            let theta = (p.var.as_tensor() * (1.0 - c.lr * decay))?;
-            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            p.var.set(&(theta - (update * c.lr)?)?)?;
+            step.apply(&p.var, g, &mut mom.m, &mut mom.v, decay)?;
         }
         Ok(norm)
     }
@@ -94,12 +78,7 @@ impl AdamW {
     /// Writes the moments (`{name}.m`, `{name}.v`) to a safetensors file; the step count goes
     /// into the trainer state.
     pub fn save(&self, params: &[Param], path: &Path) -> Result<()> {
-        let mut map = HashMap::new();
-        for (p, mom) in params.iter().zip(&self.moments) {
-            map.insert(format!("{}.m", p.name), mom.m.clone());
-            map.insert(format!("{}.v", p.name), mom.v.clone());
-        }
-        candle_core::safetensors::save(&map, path)?;
+        llamarec_optim::save_moments(params.iter().zip(&self.moments).map(|(p, mom)| (p.name.as_str(), &mom.m, &mom.v)), path)?;
         Ok(())
     }
 
@@ -108,14 +87,11 @@ impl AdamW {
         let mut tensors = crate::checkpoint::load_tensors(path, &Device::Cpu)?;
         let mut moments = Vec::with_capacity(params.len());
         for p in params {
-            let mut get = |suffix: &str| {
-                let name = format!("{}.{suffix}", p.name);
-                tensors.remove(&name).filter(|t| t.dims() == p.var.dims()).ok_or_else(|| RetrieverError::Checkpoint {
-                    path: path.to_path_buf(),
-                    reason: format!("optimizer state lacks {name} of shape {:?}", p.var.dims()),
-                })
-            };
-            moments.push(Moments { m: get("m")?, v: get("v")? });
+            let (m, v) = llamarec_optim::take_moments(&mut tensors, &p.name, p.var.dims()).map_err(|name| RetrieverError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("optimizer state lacks {name} of shape {:?}", p.var.dims()),
+            })?;
+            moments.push(Moments { m, v });
         }
         Ok(Self { config, step: steps, moments })
     }
