@@ -1,9 +1,11 @@
 //! Code that more than one llamarec crate needs: data sets and their preprocessing, ranking
 //! metrics (Recall/NDCG/MRR, not Prometheus), the layered configuration, the server plumbing,
-//! the request id, the seeded generator, asset fetching and telemetry set-up.
+//! the request id, the seeded generator, what benchmarks measure, asset fetching and telemetry
+//! set-up.
 
 pub mod assets;
 pub mod auth;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod fusion;

@@ -16,11 +16,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
+use llamarec_common::bench::median;
 
 fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
     f();

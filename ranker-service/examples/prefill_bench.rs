@@ -11,26 +11,12 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use llamarec_common::bench::{median, process_cpu_s};
 use ranker_service::sample::movielens_request;
 use ranker_service::{
     GgufFile, Kernels, Llama, LoadOptions, Positions, PromptRenderer, PromptTemplate, Ranker,
     ScoreInput, TokenBatch, Tokenizer,
 };
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// CPU seconds (user + system) this process has used, from /proc (10 ms ticks). On a busy
-/// machine with one thread it tracks the work done better than wall time.
-fn process_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 /// Median wall and CPU seconds of `f` over `iters` runs, after one warm-up run.
 struct Timing {

@@ -1,31 +1,11 @@
-//! What a benchmark records about the process and the machine it ran on: CPU time, runnable
-//! threads, memory, load, CPU model and SIMD features, the date.
+//! What a benchmark records about the process and the machine it ran on: runnable threads,
+//! memory, load, CPU model and SIMD features, the date (CPU time and the median of repeated
+//! timings: `llamarec_common::bench`, shared with the ranker's examples).
 
 use serde_json::{json, Value};
 
 /// The CPU features that decide which kernels run (named beside every recorded figure).
 const SIMD_FLAGS: [&str; 7] = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"];
-
-/// The median of `xs` (the upper one for an even count).
-pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// CPU seconds (user + system) used by this process so far (10 ms ticks).
-pub(crate) fn process_cpu_s() -> f64 {
-    let (user, sys) = process_cpu_times();
-    user + sys
-}
-
-/// User and system CPU seconds used by this process so far (10 ms ticks). System time is
-/// where page faults and allocation churn show.
-pub(crate) fn process_cpu_times() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) / 100.0, ticks(12) / 100.0)
-}
 
 /// Samples, every 2 ms, how many of this process's threads are runnable (running or waiting
 /// for a CPU): the parallelism the compute asks for, which on a loaded machine CPU time over

@@ -12,10 +12,11 @@
 //! process of this binary (`--worker`) started with those variables; the child reports the
 //! CPU time over wall time of its prefill, which shows how many cores it really used.
 
-use super::probe::{load_average, machine, median, now_utc, proc_status_kb, process_cpu_s, RunnableSampler};
+use super::probe::{load_average, machine, now_utc, proc_status_kb, RunnableSampler};
 use super::write_json;
 use crate::commands::rank::{load_ranker, ModelArgs};
 use anyhow::{bail, Context, Result};
+use llamarec_common::bench::{median, process_cpu_s};
 use llamarec_common::config::ConfigLayers;
 use llamarec_common::rng::Rng;
 use ranker_service::generate::GreedyDecoder;

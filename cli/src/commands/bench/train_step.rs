@@ -9,11 +9,12 @@
 //! token ids and answer for the peer (`bench/peers/torch_peer.py`), so both time the same
 //! tokens.
 
-use super::probe::{load_average, machine, median, now_utc, proc_status_kb, process_cpu_times};
+use super::probe::{load_average, machine, now_utc, proc_status_kb};
 use super::write_json;
 use crate::commands::rank::{load_ranker, ModelArgs};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use llamarec_common::bench::{median, process_cpu_times};
 use llamarec_common::config::ConfigLayers;
 use ranker_service::sample::movielens_request;
 use ranker_service::train::{AdamW, AdamWConfig, Backprop, ExampleGradients, ExampleInput, RankerTrainConfig, TrainableLora};
