@@ -8,6 +8,7 @@ pub mod eval;
 pub mod eval_report;
 pub mod eval_retriever;
 pub mod eval_two_stage;
+pub mod export_examples;
 pub mod fetch;
 pub mod gateway_access;
 pub mod health;

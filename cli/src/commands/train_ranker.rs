@@ -62,6 +62,11 @@ pub struct RankerTrainArgs {
     /// Override `ranker.train.alpha`.
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// Instead of training: write this recipe's training examples (the first --max-examples, in
+    /// the run's order, with its negatives) and its validation users as JSONL to FILE, for peer
+    /// trainers (bench/peers/ranker_probe.py). Trains nothing and touches no run directory.
+    #[arg(long, value_name = "FILE")]
+    pub export_examples: Option<PathBuf>,
 }
 
 fn parse_projection(s: &str) -> Result<Projection, String> {
@@ -143,7 +148,7 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
     let dataset = Dataset::load(&data, &assets.dir).with_context(|| format!("loading data set {}", data.name))?;
     let retriever = super::eval_retriever::load_for(layers, &dataset)?;
     let base = load_base(layers)?;
-    if args.fresh && args.out.join("checkpoint").exists() {
+    if args.fresh && args.export_examples.is_none() && args.out.join("checkpoint").exists() {
         std::fs::remove_dir_all(args.out.join("checkpoint"))?;
     }
     let validation = validation_cases(&dataset, &retriever, Split::Validation, recipe.val_users, recipe.val_candidates, recipe.seed)?;
@@ -163,6 +168,11 @@ pub fn run(layers: &ConfigLayers, args: RankerTrainArgs) -> Result<()> {
         hard_negatives: &hard,
         description: format!("{} ({} template) on {} ({} users, {} items)", section.model.display(), section.template, dataset.name, dataset.users.len(), dataset.num_items()),
     };
+    if let Some(path) = &args.export_examples {
+        let (n, v) = super::export_examples::write(path, base.renderer(), &inputs, &recipe)?;
+        eprintln!("wrote {n} training examples and {v} validation users to {}", path.display());
+        return Ok(());
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("ranker LoRA [{bar:30}] {pos}/{len} examples · step {msg} · {elapsed} (eta {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()),
