@@ -1,6 +1,11 @@
-//! The ranker's error type.
+//! The ranker's errors: the library's own ([`RankerError`]) and the service's
+//! ([`ServiceError`]), with the one mapping of the service's errors to gRPC status codes.
 
 use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+use crate::queue::QueueError;
 
 /// Everything that can go wrong while loading the ranker's model or scoring a request.
 ///
@@ -86,3 +91,52 @@ impl RankerError {
 
 /// Result alias for the ranker crate.
 pub type Result<T> = std::result::Result<T, RankerError>;
+
+/// Everything a Rank call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; the message names the problem.
+    #[error("{0}")]
+    InvalidArgument(RankerError),
+    /// The queue is full.
+    #[error("ranker at capacity ({0} requests queued or computing); retry with backoff")]
+    Overloaded(usize),
+    /// The queue has stopped (the server is shutting down).
+    #[error("ranker unavailable: {0}")]
+    Unavailable(String),
+    /// The model or the tokenizer failed.
+    #[error("ranking failed: {0}")]
+    Internal(String),
+}
+
+impl From<RankerError> for ServiceError {
+    fn from(e: RankerError) -> Self {
+        if e.is_invalid_argument() {
+            Self::InvalidArgument(e)
+        } else {
+            Self::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<QueueError> for ServiceError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Overloaded { capacity } => Self::Overloaded(capacity),
+            QueueError::Backend(m) => Self::Internal(m),
+            QueueError::Closed => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,5 +1,5 @@
 //! The `llamarec.v1.Ranker` gRPC service: admission, tokenization off the runtime, the queue,
-//! health on model failure, and the one mapping from service errors to status codes.
+//! health on model failure; its errors become status codes in [`crate::error`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,57 +21,11 @@ use crate::metrics as m;
 use crate::queue::{Completed, Queue, QueueError};
 use crate::ranker::Ranker;
 
+/// A Rank call's errors, defined and mapped to status codes in [`crate::error`].
+pub use crate::error::ServiceError;
+
 /// How long after a model failure the service re-checks the model with a real request.
 const RECHECK_AFTER: Duration = Duration::from_secs(2);
-
-/// Everything a Rank call can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// The request is malformed; the message names the problem.
-    #[error("{0}")]
-    InvalidArgument(RankerError),
-    /// The queue is full.
-    #[error("ranker at capacity ({0} requests queued or computing); retry with backoff")]
-    Overloaded(usize),
-    /// The queue has stopped (the server is shutting down).
-    #[error("ranker unavailable: {0}")]
-    Unavailable(String),
-    /// The model or the tokenizer failed.
-    #[error("ranking failed: {0}")]
-    Internal(String),
-}
-
-impl From<RankerError> for ServiceError {
-    fn from(e: RankerError) -> Self {
-        if e.is_invalid_argument() {
-            Self::InvalidArgument(e)
-        } else {
-            Self::Internal(e.to_string())
-        }
-    }
-}
-
-impl From<QueueError> for ServiceError {
-    fn from(e: QueueError) -> Self {
-        match e {
-            QueueError::Overloaded { capacity } => Self::Overloaded(capacity),
-            QueueError::Backend(m) => Self::Internal(m),
-            QueueError::Closed => Self::Unavailable(e.to_string()),
-        }
-    }
-}
-
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let code = match &e {
-            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::Overloaded(_) => Code::ResourceExhausted,
-            ServiceError::Unavailable(_) => Code::Unavailable,
-            ServiceError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
-    }
-}
 
 /// The queue of prepared requests in front of the model thread.
 pub type RankQueue = Queue<RankJob, RankOutput>;

@@ -16,7 +16,9 @@ use llamarec_proto::v1::ModelVersion;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::{Code, Status};
+
+/// Why a reload was refused, defined and mapped to status codes in [`crate::error`].
+pub use crate::error::ReloadError;
 
 /// A checkpoint loaded, warmed up and ready to answer.
 pub struct LoadedModel {
@@ -28,32 +30,6 @@ pub struct LoadedModel {
 
 /// Where the served model lives.
 pub type ModelSlot = ArcSwap<LoadedModel>;
-
-/// Why a reload was refused; the previous model keeps serving in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The request itself is wrong (a bad label).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The checkpoint cannot replace the served one: it does not load, fails its warm-up, or
-    /// holds another catalog.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The load task died.
-    #[error("reload failed: {0}")]
-    Internal(String),
-}
-
-impl From<ReloadError> for Status {
-    fn from(e: ReloadError) -> Self {
-        let code = match &e {
-            ReloadError::InvalidArgument(_) => Code::InvalidArgument,
-            ReloadError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ReloadError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
-    }
-}
 
 /// The configured checkpoint and its label: what a Reload without a path and SIGHUP load.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! The `llamarec.v1.Retriever` gRPC service: validation, admission, compute on the blocking
-//! pool, and the one mapping from service errors to status codes.
+//! pool; its errors become status codes in [`crate::error`].
 
+use crate::error::ReloadError;
 use crate::reload::{LoadedModel, ModelSlot, Reloader};
 use crate::retriever::CandidateSource;
 use crate::service_config::RetrieverServiceConfig;
@@ -18,34 +19,8 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
-/// Everything a Retrieve call can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// The request is malformed; the message names the field and the limit.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The caller's dense indices refer to another catalog.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Too many requests in flight.
-    #[error("retriever at capacity ({0} requests in flight); retry with backoff")]
-    Overloaded(usize),
-    /// The model failed or the compute task died.
-    #[error("retrieval failed: {0}")]
-    Internal(String),
-}
-
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let code = match &e {
-            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ServiceError::Overloaded(_) => Code::ResourceExhausted,
-            ServiceError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
-    }
-}
+/// A Retrieve call's errors, defined and mapped to status codes in [`crate::error`].
+pub use crate::error::ServiceError;
 
 /// What the service answers Info with, fixed when a checkpoint is loaded.
 #[derive(Debug, Clone)]
@@ -258,11 +233,12 @@ impl retriever_server::Retriever for RetrieverService {
         tracing::Span::current().record("size", requests.len());
         if requests.is_empty() || requests.len() > self.max_batch as usize {
             record("retrieve_batch", start, Code::InvalidArgument);
-            return Err(Status::invalid_argument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "the batch holds {} requests; it must hold 1..={} ([retriever] max_batch)",
                 requests.len(),
                 self.max_batch
-            )));
+            ))
+            .into());
         }
         metrics::histogram!("llamarec_retriever_batch_size").record(requests.len() as f64);
         // Start every request before awaiting any, so the blocking ones compute side by side.
@@ -336,15 +312,12 @@ impl RetrieverService {
     /// (secure default: an unconfigured retriever cannot be made to load files).
     async fn reload_checked(&self, request: Request<ReloadRequest>) -> Result<ReloadResponse, Status> {
         if !self.admin.is_enabled() {
-            return Err(Status::permission_denied(
-                "Reload is disabled on this retriever: no admin tokens are configured; set `[retriever] admin_tokens_file` \
-                 (LLAMAREC_RETRIEVER__ADMIN_TOKENS_FILE) to a file of tokens, restart it, and send one as `authorization: Bearer <token>`",
-            ));
+            return Err(ReloadError::Disabled.into());
         }
         self.admin.check(request.metadata())?;
         let req = request.into_inner();
         if req.checkpoint.len() > MAX_CHECKPOINT_PATH_LEN {
-            return Err(Status::invalid_argument(format!("checkpoint is {} bytes; the limit is {MAX_CHECKPOINT_PATH_LEN}", req.checkpoint.len())));
+            return Err(ReloadError::InvalidArgument(format!("checkpoint is {} bytes; the limit is {MAX_CHECKPOINT_PATH_LEN}", req.checkpoint.len())).into());
         }
         let checkpoint = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
         let label = (!req.label.is_empty()).then_some(req.label);

@@ -16,6 +16,7 @@
 //! for good; the requests of that batch and all later ones go as plain Retrieve calls.
 
 use crate::config::RetrieveBatching;
+use crate::error::RetrieverCallError;
 use llamarec_common::request_id::set_request_id;
 use llamarec_proto::v1::retrieve_result::Outcome;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
@@ -77,7 +78,7 @@ impl RetrieverCalls {
         request.request_id = request_id.to_string();
         let (reply, answer) = oneshot::channel();
         if queue.send(Pending { request, deadline: Instant::now() + budget, reply }).is_err() {
-            return Err(Status::unavailable("the gateway's retriever dispatcher has stopped"));
+            return Err(RetrieverCallError::DispatcherStopped.into());
         }
         match answer.await {
             Ok(Answer::Done(result)) => result,
@@ -85,7 +86,7 @@ impl RetrieverCalls {
                 request.request_id.clear();
                 unary(self.client.clone(), request, budget, request_id, self.token.as_deref()).await
             }
-            Err(_) => Err(Status::internal("the gateway's retriever dispatcher dropped the request")),
+            Err(_) => Err(RetrieverCallError::DispatcherDropped.into()),
         }
     }
 }
@@ -152,14 +153,14 @@ async fn call(mut client: RetrieverClient<Channel>, token: Option<String>, batch
         Ok(response) => {
             let results = response.into_inner().results;
             if results.len() != batch.len() {
-                let status = Status::internal(format!("the retriever answered {} results to a batch of {}", results.len(), batch.len()));
+                let status = RetrieverCallError::BatchLength { answered: results.len(), sent: batch.len() }.into();
                 return answer_all(batch, &status);
             }
             for (pending, result) in batch.into_iter().zip(results) {
                 let outcome = match result.outcome {
                     Some(Outcome::Response(response)) => Ok(response),
                     Some(Outcome::Error(e)) => Err(Status::new(Code::from_i32(e.code), e.message)),
-                    None => Err(Status::internal("the retriever answered an empty result in a batch")),
+                    None => Err(RetrieverCallError::EmptyBatchResult.into()),
                 };
                 let _ = pending.reply.send(Answer::Done(outcome));
             }

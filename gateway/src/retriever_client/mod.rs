@@ -11,7 +11,7 @@ pub mod fallback;
 use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
 use crate::deadline::Deadline;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RetrieverCallError};
 use crate::merge::Retrieved;
 use batching::RetrieverCalls;
 use dense::DenseIndices;
@@ -81,7 +81,7 @@ impl Retriever {
             .into_iter()
             .map(|i| match self.catalog.item(i.item_index) {
                 Some(item) => Ok(Retrieved { item_id: item.id.clone(), title: item.title.clone(), score: i.score }),
-                None => Err(self.failed(Status::internal(format!("answered item index {} outside the catalog of {} items", i.item_index, self.catalog.len())))),
+                None => Err(self.failed(RetrieverCallError::IndexOutsideCatalog { index: i.item_index, catalog_len: self.catalog.len() }.into())),
             })
             .collect::<Result<_, _>>()?;
         Ok((items, response.model.unwrap_or_default()))
@@ -97,7 +97,7 @@ impl Retriever {
         match tokio::time::timeout(budget, self.calls.retrieve(request, budget, request_id)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(status)) => Err(self.failed(status)),
-            Err(_) => Err(self.failed(Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis())))),
+            Err(_) => Err(self.failed(RetrieverCallError::Timeout(budget.as_millis()).into())),
         }
     }
 
