@@ -161,4 +161,60 @@ mod tests {
             opt.v[0].to_vec1::<f32>().unwrap()
         );
     }
+
+    /// Each committed run's `checkpoint/optimizer.safetensors` loads for the adapter beside it
+    /// and saves back the same moments (the file format resumption reads).
+    #[test]
+    fn committed_checkpoints_load_and_save_the_same_moments() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("training");
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let mut checked = 0;
+        for run in std::fs::read_dir(&root).unwrap() {
+            let ckpt = run.unwrap().path().join("checkpoint");
+            let path = ckpt.join("optimizer.safetensors");
+            if !path.is_file() {
+                continue;
+            }
+            let adapter = candle_core::safetensors::load(
+                ckpt.join("adapter_model.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let params: Vec<NamedVar> = adapter
+                .into_iter()
+                .map(|(name, t)| NamedVar {
+                    name,
+                    var: Var::from_tensor(&t).unwrap(),
+                })
+                .collect();
+            let opt = AdamW::load(&params, cfg, &path, 7).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            opt.save(&params, &dir.path().join("o.safetensors"))
+                .unwrap();
+            let before = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            let after =
+                candle_core::safetensors::load(dir.path().join("o.safetensors"), &Device::Cpu)
+                    .unwrap();
+            assert_eq!(before.len(), after.len(), "{}", path.display());
+            for (name, t) in &before {
+                let back = after[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    back,
+                    "{name}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(
+            checked > 0,
+            "no committed checkpoint under {}",
+            root.display()
+        );
+    }
 }
