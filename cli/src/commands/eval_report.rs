@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use llamarec_common::config::ConfigLayers;
 use llamarec_common::data::Split;
 use llamarec_common::ranking_metrics::{MetricReport, TwoStageAccumulator, TwoStageReport};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::calibrate::{collect_cases, load_ranker, Case, EvalSetup};
@@ -37,15 +37,23 @@ pub struct EvalReportArgs {
     /// Also write the figures as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Render the report from the JSON an earlier run wrote (`--json`) instead of running the
+    /// models: to add a section without repeating ~15 minutes of LLM calls.
+    #[arg(long, conflicts_with_all = ["split", "sample", "adapter", "weight", "json"])]
+    pub from_json: Option<PathBuf>,
+    /// A ranker training run's folder (`llamarec train ranker --out DIR`): append its validation
+    /// learning curve as a table, and draw it as `docs/ranker_learning_curve.png` beside `--out`.
+    #[arg(long)]
+    pub learning_curve: Option<PathBuf>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Row {
     method: String,
     report: TwoStageReport,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Report {
     dataset: String,
     split: Split,
@@ -65,10 +73,11 @@ fn cells(r: &MetricReport) -> String {
     format!("{:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4}", a.mrr, a.ndcg, a.recall, b.mrr, b.ndcg, b.recall)
 }
 
-fn markdown(report: &Report, command: &str) -> String {
+/// `provenance`: the sentence saying which command produced the figures.
+fn markdown(report: &Report, provenance: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Evaluation: {} {:?} split\n", report.dataset, report.split);
-    let _ = writeln!(s, "Produced by `{command}` in {:.0} s on this machine.\n", report.wall_seconds);
+    let _ = writeln!(s, "{provenance}\n");
     let _ = writeln!(
         s,
         "{} of {} users{}; candidates: the retriever's top {} (history excluded); {} users ({:.1}%) have their ground truth among them (the valid subset), and only those run the LLM ({} calls). Fusion weight (`[gateway] ranker_weight`): {}. Tuned adapter: {}.\n",
@@ -101,7 +110,53 @@ fn markdown(report: &Report, command: &str) -> String {
     s
 }
 
+/// The command line as typed, the program's directory left out.
+fn command_line() -> String {
+    std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { a.rsplit('/').next().unwrap_or(&a).to_string() } else if a.contains(' ') { format!("{a:?}") } else { a })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The learning-curve section of a ranker training run (its validations, as the run's own
+/// `learning_curve.md`), drawing the curve to `png` and linking it relative to the report.
+fn learning_curve_section(run: &Path, png: &Path, link: &str) -> Result<String> {
+    #[derive(Deserialize)]
+    struct State {
+        evaluations: Vec<ranker_service::train::Evaluation>,
+        examples: u64,
+    }
+    let path = run.join("checkpoint/trainer_state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let state: State = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if state.evaluations.is_empty() {
+        anyhow::bail!("{} holds no validation yet", path.display());
+    }
+    if let Some(dir) = png.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    super::learning_curve::draw(png, &state.evaluations)?;
+    let table = super::learning_curve::table(&state.evaluations);
+    let body = table.split_once("\n\n").map_or(table.as_str(), |(_, rest)| rest);
+    Ok(format!(
+        "\n## Ranker training: learning curve (validation sample)\n\nRun `{}` ({} training examples seen); the adapter is validated on a fixed sample of validation users as it trains. ![learning curve]({link})\n\n{body}",
+        run.display(),
+        state.examples
+    ))
+}
+
 pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
+    if let Some(from) = &args.from_json {
+        let text = std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+        let report: Report = serde_json::from_str(&text).with_context(|| format!("parsing {}", from.display()))?;
+        let provenance = format!(
+            "Rendered by `{}` from the figures an earlier `llamarec eval-report --json` run saved ({:.0} s of model calls on its machine).",
+            command_line(),
+            report.wall_seconds
+        );
+        return write_report(&report, &provenance, &args);
+    }
     let start = Instant::now();
     let EvalSetup { dataset, retriever, gateway, adapter } = EvalSetup::load(layers, args.adapter.clone())?;
     let weight = args.weight.unwrap_or(gateway.ranker_weight);
@@ -152,18 +207,22 @@ pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
         wall_seconds: start.elapsed().as_secs_f64(),
         rows,
     };
-    let command = std::env::args()
-        .enumerate()
-        .map(|(i, a)| if i == 0 { a.rsplit('/').next().unwrap_or(&a).to_string() } else if a.contains(' ') { format!("{a:?}") } else { a })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let md = markdown(&report, &command);
-    print!("{md}");
-    std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))?;
+    write_report(&report, &format!("Produced by `{}` in {:.0} s on this machine.", command_line(), report.wall_seconds), &args)?;
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
     let full = fixed + per_user * split_users as f64;
-    eprintln!("wrote {} ({:.0} s; the full {:?} split of {split_users} users would take about {:.0} s at this rate)", args.out.display(), report.wall_seconds, args.split, full);
+    eprintln!("{} took {:.0} s; the full {:?} split of {split_users} users would take about {:.0} s at this rate", args.out.display(), report.wall_seconds, args.split, full);
     Ok(())
+}
+
+/// Writes the markdown report (and the learning-curve section and plot when asked).
+fn write_report(report: &Report, provenance: &str, args: &EvalReportArgs) -> Result<()> {
+    let mut md = markdown(report, provenance);
+    if let Some(run) = &args.learning_curve {
+        let base = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        md += &learning_curve_section(run, &base.join("docs/ranker_learning_curve.png"), "docs/ranker_learning_curve.png")?;
+    }
+    print!("{md}");
+    std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))
 }

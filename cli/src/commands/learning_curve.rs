@@ -64,7 +64,7 @@ pub fn write(dir: &Path, all: &[Evaluation]) -> Result<()> {
     draw(&dir.join("learning_curve.png"), all)
 }
 
-fn draw(path: &Path, all: &[Evaluation]) -> Result<()> {
+pub fn draw(path: &Path, all: &[Evaluation]) -> Result<()> {
     use plotters::prelude::*;
 
     if all.is_empty() {
