@@ -15,11 +15,68 @@ import json
 import math
 
 
+def ndcg10(rank):
+    return 1.0 / math.log2(rank + 1) if rank is not None and rank <= 10 else 0.0
+
+
+def log_softmax(xs):
+    m = max(xs)
+    s = sum(math.exp(x - m) for x in xs)
+    return [x - m - math.log(s) for x in xs]
+
+
+def paired_table(export, runs):
+    """Per-user NDCG@10 differences against the retriever's order (paired over the same users):
+    mean and standard error, from the letter logits each evaluation stored (fusion in f64 here,
+    so exact ties may differ from the f32 rule in the last digit)."""
+    val = []
+    with open(export) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "validation":
+                val.append(r)
+    base = [ndcg10(None if r["target_index"] is None else r["target_index"] + 1) for r in val]
+    lines = ["### Paired differences against the retriever's order (NDCG@10, mean +- standard error over the same users)\n",
+             "| model | examples | LLM alone - retriever | best fused w > 0 | fused - retriever |", "|---|---|---|---|---|"]
+    for name, r in runs:
+        for ev in r["evaluations"]:
+            logits = ev.get("letter_logits")
+            if not logits or len(logits) != len(val):
+                continue
+            best = max((x for x in ev["fused"] if x["weight"] > 0), key=lambda x: x["all"]["ndcg@10"])
+            w = best["weight"]
+            alone, fused = [], []
+            for rec, lg in zip(val, logits):
+                t = rec["target_index"]
+                if t is None:
+                    alone.append(0.0)
+                    fused.append(0.0)
+                    continue
+                rank = 1 + sum(1 for i, x in enumerate(lg) if i != t and x >= lg[t])
+                alone.append(ndcg10(rank))
+                rl, ll = log_softmax(rec["retriever_scores"]), log_softmax(lg)
+                fu = [(1 - w) * x + w * y for x, y in zip(rl, ll)]
+                frank = 1 + sum(1 for i, x in enumerate(fu) if x > fu[t] or (x == fu[t] and i < t))
+                fused.append(ndcg10(frank))
+
+            def ms(xs):
+                d = [x - b for x, b in zip(xs, base)]
+                m = sum(d) / len(d)
+                sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+                return f"{m:+.4f} +- {sd / math.sqrt(len(d)):.4f}"
+            lines.append(f"| {name} | {ev['examples']} | {ms(alone)} | {w} | {ms(fused)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rust", help="trainer_state.json or training_report.json with step_losses")
     p.add_argument("--run", action="append", default=[], help="NAME=probe.json (repeatable)")
     p.add_argument("--bucket", type=int, default=40, help="examples per row of the loss table (a multiple of grad_accum)")
+    p.add_argument("--rust-run", default=None,
+                   help="NAME of the run that used the Rust run's model (the only one its loss is compared with)")
+    p.add_argument("--export", default=None,
+                   help="the export JSONL: adds paired standard errors of NDCG@10 against the retriever's order")
     a = p.parse_args()
     runs = []
     for spec in a.run:
@@ -52,6 +109,8 @@ def main():
         out.append(f"\nRetriever order alone on the same users: NDCG@10 {r0['ndcg@10']:.4f}, Recall@10 {r0['recall@10']:.4f} "
                    f"({r0['users']} users).\n")
 
+    if a.export:
+        out.append(paired_table(a.export, runs))
     out.append("## Training cost\n")
     out.append("| model | examples | precision | s / example (wall) | CPU-s / example | mean prompt tokens | trainable params | eval s (each evaluation) |")
     out.append("|---|---|---|---|---|---|---|---|")
@@ -68,7 +127,7 @@ def main():
     out.append(f"## Training loss, mean over windows of {a.bucket} examples (same examples, same order)\n")
     out.append(f"ln 20 = {math.log(20):.3f} (uniform over the 20 letters).\n")
     names = [n for n, r in runs if r["train"].get("examples")]
-    hdr = ("| examples |" + (" Rust trainer |" if rust else "") + "".join(f" {n} |" for n in names)
+    hdr = ("| examples |" + (" Rust trainer (SmolLM2) |" if rust else "") + "".join(f" {n} |" for n in names)
            + "".join(f" {n} (letters only) |" for n in names))
     out.append(hdr)
     out.append("|---" * (1 + (1 if rust else 0) + 2 * len(names)) + "|")
@@ -98,6 +157,8 @@ def main():
                 continue
             ls = [e["loss"] for e in r["train"]["per_example"]]
             first = ls[:accum]
+            if a.rust_run and name != a.rust_run:
+                continue
             out.append(f"- {name}: first optimizer step (examples 1-{accum}, adapter still zero) mean loss "
                        f"{sum(first) / len(first):.4f}; Rust trainer {rust[0]:.4f}.")
             n = len(ls) // accum * accum
