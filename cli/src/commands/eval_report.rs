@@ -226,3 +226,37 @@ fn write_report(report: &Report, provenance: &str, args: &EvalReportArgs) -> Res
     print!("{md}");
     std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    #[test]
+    fn a_saved_report_renders_its_figures_and_a_run_its_learning_curve() {
+        let saved = repo().join("docs/bench/eval-report.json");
+        let report: Report = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+        let md = markdown(&report, "Rendered by a test.");
+        // The retriever's test NDCG@10 and Recall@10 of the saved run, in the first table's row.
+        let retriever = md.lines().find(|l| l.starts_with("| LRURec retriever alone")).unwrap();
+        assert!(retriever.contains("0.1020") && retriever.contains("0.1930") && retriever.ends_with("1.000x |"), "{retriever}");
+        assert_eq!(md.matches("| tuned ranker (LLM alone)").count(), 2, "both tables");
+
+        let dir = std::env::temp_dir().join(format!("eval-report-test-{}", std::process::id()));
+        let png = dir.join("docs/curve.png");
+        let run = repo().join("ranker-service/training/ml-100k-all-linear");
+        let section = learning_curve_section(&run, &png, "docs/curve.png").unwrap();
+        assert!(section.starts_with("\n## Ranker training: learning curve"), "{section}");
+        assert!(section.contains("![learning curve](docs/curve.png)"));
+        // One row per validation of the run, step 0 first.
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| step")).collect();
+        assert!(rows.len() >= 18 && rows[0].starts_with("| 0 | 0 | – |"), "{rows:?}");
+        assert!(std::fs::metadata(&png).unwrap().len() > 10_000, "the curve is drawn");
+        let missing = learning_curve_section(&dir, &png, "x").unwrap_err();
+        assert!(format!("{missing:#}").contains("trainer_state.json"), "{missing:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
