@@ -3,7 +3,8 @@
 # with other builds and tests, so one torch thread per run and the two models side by side).
 # Prerequisites: bash bench/peers/setup.sh; ./target/release/llamarec fetch; the Gemma GGUF
 # assembled at target/gemma3/gemma-3-270m-q4_k_m.gguf (README, "Gemma 3 270M").
-# N = training examples per model (default 320), evaluations at 0, N/2 and N.
+# N = training examples per model (default 320), evaluations at 0, N/2 and N. On 2026-12-07 the
+# Gemma run was stopped by hand after 216 examples (deadline): its last evaluation is at 160.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 N="${N:-320}"
