@@ -42,7 +42,15 @@ nice -n 5 $py bench/peers/ranker_probe.py --export "$export_file" \
   --adapter ranker-service/training/ml-100k-all-linear/checkpoint --loss-on 6960:7040 --eval-at 0 --threads 1 \
   --json $out/rust-adapter-step880.json --md $out/rust-adapter-step880.md > target/ranker-probe/rust880.log 2>&1
 wait
+#    ... and its best adapter (step 50), whose validation the Rust run logged.
+nice -n 5 $py bench/peers/ranker_probe.py --export "$export_file" \
+  --gguf assets/models/SmolLM2-135M-Instruct.Q4_1.gguf --name rust-best-step50 --tokens export \
+  --adapter ranker-service/training/ml-100k-all-linear --eval-at 0 --threads 1 \
+  --json $out/rust-adapter-step50.json --md $out/rust-adapter-step50.md
 
 # 5. Tables.
 python3 bench/peers/ranker_probe_report.py --rust "$state" \
-  --run smollm2-135m=$out/smollm2-135m.json --run gemma3-270m=$out/gemma3-270m.json --bucket 40 > $out/tables.md
+  --rust-run smollm2-135m --export "$export_file" \
+  --run smollm2-135m=$out/smollm2-135m.json --run gemma3-270m=$out/gemma3-270m.json \
+  --run rust-step880-adapter=$out/rust-adapter-step880.json --run rust-step50-adapter=$out/rust-adapter-step50.json \
+  --bucket 40 > $out/tables.md
