@@ -113,7 +113,6 @@ pub fn write(path: &Path, renderer: &PromptRenderer, inputs: &TrainInputs, confi
         "prompt_tokens": prompt_tokens,
         "rng_after_training_examples": rng,
     }))?;
-    drop(line);
     out.flush()?;
     Ok((total, inputs.validation.len()))
 }

@@ -15,7 +15,8 @@ pub enum TrainCommand {
     Retriever(RetrieverTrainArgs),
     /// LoRA fine-tuning of the `[ranker]` model with the `[ranker.train]` recipe (resumes from
     /// OUT/checkpoint unless --fresh).
-    Ranker(super::train_ranker::RankerTrainArgs),
+    // Boxed: its many options would make every `TrainCommand` that large.
+    Ranker(Box<super::train_ranker::RankerTrainArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -31,7 +32,7 @@ pub struct RetrieverTrainArgs {
 pub fn run(layers: &ConfigLayers, cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Retriever(args) => retriever(layers, args),
-        TrainCommand::Ranker(args) => super::train_ranker::run(layers, args),
+        TrainCommand::Ranker(args) => super::train_ranker::run(layers, *args),
     }
 }
 
