@@ -88,15 +88,11 @@ def parse_args():
 
 
 ARGS = parse_args()
-for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(ARGS.threads)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch/transformers are imported (peer_env.py says why).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_env  # noqa: E402
 
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+peer_env.configure(ARGS.threads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
