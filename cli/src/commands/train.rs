@@ -27,6 +27,10 @@ pub struct RetrieverTrainArgs {
     /// Start from a fresh initialisation even if the directory holds a resumable run.
     #[arg(long)]
     fresh: bool,
+    /// Also print the test split's metrics (always saved in OUT/report.json). Off by default:
+    /// candidates are chosen on validation, and test is read once per shipped candidate.
+    #[arg(long)]
+    show_test: bool,
 }
 
 pub fn run(layers: &ConfigLayers, cmd: TrainCommand) -> Result<()> {
@@ -55,7 +59,11 @@ fn retriever(layers: &ConfigLayers, args: RetrieverTrainArgs) -> Result<()> {
         report.best_epoch, report.epochs, report.time_to_best_s, report.wall_time_s
     );
     print!("{}", format_table("validation", &report.validation));
-    print!("{}", format_table("test", &report.test));
+    if args.show_test {
+        print!("{}", format_table("test", &report.test));
+    } else {
+        println!("test metrics: in {}/report.json (--show-test prints them; choose on validation)", out.display());
+    }
     eprintln!("wrote {}", out.display());
     Ok(())
 }
