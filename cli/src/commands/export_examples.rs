@@ -1,8 +1,8 @@
 //! `llamarec train ranker --export-examples FILE`: instead of training, writes what the trainer
 //! would see, as JSONL, so that a peer trainer (bench/peers/ranker_probe.py) trains and validates
 //! on exactly the same prompts: the first `max_examples` training examples in the run's order
-//! (`epoch_order` with the recipe's seed, negatives drawn by `build_example` from the trainer's
-//! own random stream, `Rng::derived(seed, 3)`, advanced example by example as `train::train`
+//! (`epoch_order` with the recipe's seed, each built by the trainer's own `build_prompt_example`
+//! from its own random stream, `example_rng`, advanced example by example as `train::train`
 //! does) and the validation users with the retriever's candidates and scores.
 //!
 //! Lines: one `meta` (recipe, letters and their answer token ids), one `train` per example
@@ -17,17 +17,9 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ranker_service::train::{build_example, epoch_order, NegativeKind, RankerTrainConfig, Rng, TrainInputs};
+use ranker_service::train::{build_prompt_example, epoch_order, example_rng, titles_of, RankerTrainConfig, TrainInputs};
 use ranker_service::{PromptRenderer, Verbalizer};
 use serde_json::json;
-
-/// Titles of the last `max_history` history items and of the candidates, as the trainer's
-/// `train::validation::titles_of` picks them (that one is crate-private).
-fn titles_of<'a>(titles: &'a [String], history: &[u32], candidates: &[u32], max_history: usize) -> (Vec<&'a str>, Vec<&'a str>) {
-    let h = history[history.len().saturating_sub(max_history)..].iter().map(|&i| titles[i as usize].as_str()).collect();
-    let c = candidates.iter().map(|&i| titles[i as usize].as_str()).collect();
-    (h, c)
-}
 
 /// Writes the export; returns (training examples, validation users) written.
 pub fn write(path: &Path, renderer: &PromptRenderer, inputs: &TrainInputs, config: &RankerTrainConfig) -> Result<(usize, usize)> {
@@ -37,7 +29,6 @@ pub fn write(path: &Path, renderer: &PromptRenderer, inputs: &TrainInputs, confi
     let verbalizer = Verbalizer::new(renderer)?;
     let letters = verbalizer.letters();
     let token_ids = verbalizer.token_ids();
-    let num_items = inputs.titles.len() - 1;
     let order = epoch_order(&inputs.sequences, config.min_history, config.seed);
     let total = if config.max_examples == 0 { order.len() } else { config.max_examples.min(order.len()) };
     let max_history = renderer.template().max_history;
@@ -60,19 +51,11 @@ pub fn write(path: &Path, renderer: &PromptRenderer, inputs: &TrainInputs, confi
         "training_examples": total,
         "validation_users": inputs.validation.len(),
     }))?;
-    // The trainer's example stream (train::train: `rng: Rng::derived(config.seed, 3)`).
-    let mut rng = Rng::derived(config.seed, 3);
+    let mut rng = example_rng(config.seed);
     let mut prompt_tokens = 0u64;
     for (index, &prefix) in order[..total].iter().enumerate() {
-        let seq = inputs.sequences[prefix.user as usize];
-        let hard = match config.negatives {
-            NegativeKind::Random => Vec::new(),
-            _ => (inputs.hard_negatives)(&seq[..prefix.position as usize], config.num_candidates)?,
-        };
-        let ex = build_example(seq, prefix, num_items, config.num_candidates, config.negatives, config.retriever_share, &hard, &mut rng);
-        let (h, c) = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history);
-        let rendered = renderer.render(&h, &c)?;
-        let prompt = renderer.tokenize(&rendered)?;
+        let (ex, rendered, prompt) = build_prompt_example(inputs, config, renderer, prefix, &mut rng)?;
+        let c = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history).1;
         prompt_tokens += prompt.ids.len() as u64;
         line(json!({
             "kind": "train",

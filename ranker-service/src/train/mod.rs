@@ -34,7 +34,7 @@ use llamarec_common::ranking_metrics::MetricReport;
 use serde::{Deserialize, Serialize};
 
 use crate::llama::Llama;
-use crate::prompt::PromptRenderer;
+use crate::prompt::{PromptRenderer, RenderedPrompt, TokenizedPrompt};
 use crate::verbalizer::Verbalizer;
 
 pub use examples::{build_example, epoch_order, Example, NegativeKind, PrefixRef};
@@ -46,7 +46,7 @@ pub use config::{Backprop, LossKind, RankerTrainConfig};
 pub use llamarec_common::rng::{self, Rng};
 pub use trainable::{example_loss, TrainableLora};
 pub use validation::{evaluate, retriever_order, Evaluation, FusedValidation, ValidationCase, ValidationOutcome, FUSION_WEIGHTS};
-use validation::titles_of;
+pub use validation::titles_of;
 
 /// What training reads.
 pub struct TrainInputs<'a> {
@@ -64,6 +64,45 @@ pub struct TrainInputs<'a> {
 
 /// The retriever's top `n` items for a prefix (dense ids), history excluded.
 pub type HardNegatives<'a> = dyn Fn(&[u32], usize) -> Result<Vec<u32>> + 'a;
+
+/// The random stream a fresh run draws its examples' negatives and letter order from (saved in
+/// the trainer state, so a resumed run continues it).
+pub fn example_rng(seed: u64) -> Rng {
+    Rng::derived(seed, 3)
+}
+
+/// One training example as the trainer sees it: `prefix`'s negatives drawn from `rng` (the
+/// retriever's hard ones as the recipe says), its titles rendered and tokenized. The training loop
+/// and `llamarec train ranker --export-examples` both build examples here, so an export follows a
+/// run exactly.
+pub fn build_prompt_example(
+    inputs: &TrainInputs,
+    config: &RankerTrainConfig,
+    renderer: &PromptRenderer,
+    prefix: PrefixRef,
+    rng: &mut Rng,
+) -> Result<(Example, RenderedPrompt, TokenizedPrompt)> {
+    let seq = inputs.sequences[prefix.user as usize];
+    let hard = match config.negatives {
+        NegativeKind::Random => Vec::new(),
+        _ => (inputs.hard_negatives)(&seq[..prefix.position as usize], config.num_candidates)?,
+    };
+    let ex = build_example(
+        seq,
+        prefix,
+        inputs.titles.len() - 1,
+        config.num_candidates,
+        config.negatives,
+        config.retriever_share,
+        &hard,
+        rng,
+    );
+    let max_history = renderer.template().max_history;
+    let (h, c) = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history);
+    let rendered = renderer.render(&h, &c)?;
+    let prompt = renderer.tokenize(&rendered)?;
+    Ok((ex, rendered, prompt))
+}
 
 /// Written next to the adapter as `training_report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,7 +243,6 @@ pub fn train(
         beta2: config.beta2,
         eps: config.eps,
     };
-    let num_items = inputs.titles.len() - 1;
     let order = epoch_order(&inputs.sequences, config.min_history, config.seed);
     if order.is_empty() {
         bail!("no training prefixes of length >= {}", config.min_history);
@@ -268,7 +306,7 @@ pub fn train(
                 config: config.clone(),
                 steps: 0,
                 examples: 0,
-                rng: Rng::derived(config.seed, 3),
+                rng: example_rng(config.seed),
                 wall_seconds: 0.0,
                 train_seconds: 0.0,
                 prompt_tokens: 0,
@@ -291,7 +329,6 @@ pub fn train(
         gradients: engine.describe(),
     });
 
-    let max_history = renderer.template().max_history;
     let run_eval = |st: &mut TrainerState,
                     lora: &TrainableLora,
                     on_event: &mut dyn FnMut(Event)|
@@ -370,27 +407,10 @@ pub fn train(
         }
         let t = Instant::now();
         let index = if overfit > 0 { st.examples as usize % overfit } else { st.examples as usize };
-        let prefix = order[index];
-        let seq = inputs.sequences[prefix.user as usize];
         // Overfitting repeats each example with the same candidates and letters.
         let mut repeat_rng = Rng::derived(config.seed, 10_000 + index as u64);
         let example_rng = if overfit > 0 { &mut repeat_rng } else { &mut st.rng };
-        let hard = match config.negatives {
-            NegativeKind::Random => Vec::new(),
-            _ => (inputs.hard_negatives)(&seq[..prefix.position as usize], config.num_candidates)?,
-        };
-        let ex = build_example(
-            seq,
-            prefix,
-            num_items,
-            config.num_candidates,
-            config.negatives,
-            config.retriever_share,
-            &hard,
-            example_rng,
-        );
-        let (h, c) = titles_of(inputs.titles, &ex.history, &ex.candidates, max_history);
-        let prompt = renderer.tokenize(&renderer.render(&h, &c)?)?;
+        let (ex, _, prompt) = build_prompt_example(inputs, config, renderer, order[index], example_rng)?;
         let dropout_seed = Rng::derived(config.seed, 1000 + st.examples).next_u64();
         let value = engine.add(
             &mut lora,

@@ -72,7 +72,7 @@ pub struct ValidationOutcome {
 }
 
 /// Titles of the last `max_history` items of `history` and of `candidates`.
-pub(crate) fn titles_of<'a>(
+pub fn titles_of<'a>(
     titles: &'a [String],
     history: &[u32],
     candidates: &[u32],
