@@ -31,7 +31,6 @@ Writes --json (everything) and --md (tables). Run with target/peer-venv (bench/p
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -109,28 +108,6 @@ T_START = time.perf_counter()
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cpu_info():
-    model, flags = None, set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            k = k.strip()
-            if k == "model name" and model is None:
-                model = v.strip()
-            elif k == "flags" and not flags:
-                flags = set(v.split())
-    want = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return {"model": model, "flags": {f: f in flags for f in want}, "logical_cpus": os.cpu_count()}
 
 
 # ------------------------------------------------------------------ fusion.rs, exactly (f32)
@@ -395,10 +372,10 @@ def main():
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu": cpu_info(),
+        "cpu": peer_env.cpu_info(),
         "load_average_before": list(os.getloadavg()),
-        "gguf_sha256": sha256_file(a.gguf),
-        "export": {"path": a.export, "sha256": sha256_file(a.export), "meta": {k: v for k, v in meta.items() if k != "kind"}},
+        "gguf_sha256": peer_env.sha256_file(a.gguf),
+        "export": {"path": a.export, "sha256": peer_env.sha256_file(a.export), "meta": {k: v for k, v in meta.items() if k != "kind"}},
         "model": {"class": type(model).__name__, "config": model.config.to_dict()},
         "load_s": load_s,
         "retriever": retriever_report(val),

@@ -19,7 +19,6 @@ bench/peers/setup.sh builds (target/peer-venv), outside the test command.
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -86,42 +85,12 @@ def rss_peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def cpu_info():
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k == "model name" and model is None:
-                    model = v.strip()
-                elif k == "flags" and not flags:
-                    flags = set(v.split())
-    except OSError:
-        pass
-    want = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return {
-        "model": model,
-        "flags": {f: f in flags for f in want},
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-
-
 def mkldnn_bf16_supported():
     """oneDNN's own answer to "native bf16 here?" (False on AVX2-only CPUs: bf16 is emulated)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # noqa: BLE001 - private op, absent in some builds
         return None
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def measure(fn, iters, warmup):
@@ -199,7 +168,7 @@ def main():
         },
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_mkldnn_bf16_supported": mkldnn_bf16_supported(),
-        "cpu": cpu_info(),
+        "cpu": peer_env.cpu_info(),
         "env": {k: os.environ.get(k) for k in (
             "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
@@ -208,8 +177,8 @@ def main():
         "threads": a.threads,
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "gguf": {"path": a.gguf, "sha256": sha256_file(a.gguf), "dequantized_to": "float32"},
-        "prompt": {"path": a.prompt, "sha256": sha256_file(a.prompt), "tokens": n, "label_token": label},
+        "gguf": {"path": a.gguf, "sha256": peer_env.sha256_file(a.gguf), "dequantized_to": "float32"},
+        "prompt": {"path": a.prompt, "sha256": peer_env.sha256_file(a.prompt), "tokens": n, "label_token": label},
         "attn_implementation": a.attn,
         "iters": a.iters,
         "train_iters": a.train_iters,
