@@ -122,27 +122,20 @@ fn command_line() -> String {
 /// The learning-curve section of a ranker training run (its validations, as the run's own
 /// `learning_curve.md`), drawing the curve to `png` and linking it relative to the report.
 fn learning_curve_section(run: &Path, png: &Path, link: &str) -> Result<String> {
-    #[derive(Deserialize)]
-    struct State {
-        evaluations: Vec<ranker_service::train::Evaluation>,
-        examples: u64,
-    }
-    let path = run.join("checkpoint/trainer_state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let state: State = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    if state.evaluations.is_empty() {
-        anyhow::bail!("{} holds no validation yet", path.display());
+    let (evaluations, examples) = ranker_service::train::checkpoint_evaluations(run)?;
+    if evaluations.is_empty() {
+        anyhow::bail!("{} has no validation yet", run.display());
     }
     if let Some(dir) = png.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    super::learning_curve::draw(png, &state.evaluations)?;
-    let table = super::learning_curve::table(&state.evaluations);
+    super::learning_curve::draw(png, &evaluations)?;
+    let table = super::learning_curve::table(&evaluations);
     let body = table.split_once("\n\n").map_or(table.as_str(), |(_, rest)| rest);
     Ok(format!(
         "\n## Ranker training: learning curve (validation sample)\n\nRun `{}` ({} training examples seen); the adapter is validated on a fixed sample of validation users as it trains. ![learning curve]({link})\n\n{body}",
         run.display(),
-        state.examples
+        examples
     ))
 }
 

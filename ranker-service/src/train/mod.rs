@@ -503,3 +503,12 @@ pub fn train(
 pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join(CHECKPOINT_DIR)
 }
+
+/// The validations a run has done so far and the training examples it has seen, from its
+/// checkpoint (a run in progress has no `training_report.json` yet).
+pub fn checkpoint_evaluations(out: &Path) -> Result<(Vec<Evaluation>, u64)> {
+    let path = checkpoint_dir(out).join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok((state.evaluations, state.examples))
+}
