@@ -114,6 +114,14 @@ impl Gateway for PassThroughGateway {
     async fn get_history(&self, _: Request<GetHistoryRequest>) -> Result<Response<GetHistoryResponse>, Status> {
         Err(Status::unimplemented("the floor gateway only answers Recommend"))
     }
+
+    async fn get_split(&self, _: Request<llamarec_proto::v1::GetSplitRequest>) -> Result<Response<llamarec_proto::v1::GetSplitResponse>, Status> {
+        Err(Status::unimplemented("the floor gateway only answers Recommend"))
+    }
+
+    async fn set_split(&self, _: Request<llamarec_proto::v1::SetSplitRequest>) -> Result<Response<llamarec_proto::v1::SetSplitResponse>, Status> {
+        Err(Status::unimplemented("the floor gateway only answers Recommend"))
+    }
 }
 
 async fn probe(retriever: &str, gateway: &str, n: usize) -> anyhow::Result<()> {

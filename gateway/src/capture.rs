@@ -1,6 +1,6 @@
 //! JSON-lines capture files shared by traffic recording and shadow ranking: each opened file
 //! keeps an earlier non-empty one under a new name, a dedicated thread writes the records, and
-//! the request path only hashes a counter or an id to decide what is sampled.
+//! the request path only hashes a counter or an id ([`fnv1a`]) to decide what is sampled.
 
 use serde::Serialize;
 use std::io::{BufWriter, Write};
@@ -36,6 +36,14 @@ pub fn spawn_jsonl_writer<T: Serialize + Send + 'static>(
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name(name.into()).spawn(move || writer(rx, BufWriter::new(file), &path, errors))?;
     Ok(())
+}
+
+/// FNV-1a, 64 bits: a stable hash of an id (std's hasher is seeded per process), the same in
+/// every process and every release. Shadow ranking samples request ids with it, the canary split
+/// ([`crate::canary`]) places user ids with it; both mix it further with
+/// [`llamarec_common::rng::splitmix64`].
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn write_line<T: Serialize>(out: &mut impl Write, record: &T) -> std::io::Result<()> {

@@ -175,6 +175,70 @@ impl ShadowRankerConfig {
     }
 }
 
+/// The `[gateway.canary]` section: a share of users, sticky by user id, whose candidates are
+/// ranked by a second set of ranker pods (a new adapter) with a fusion weight of its own; every
+/// other user is served as before (the "stable" arm). The fraction and the weight can be changed
+/// at run time with the gateway's admin RPC `SetSplit` (`llamarec split`); a restart goes back
+/// to these values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// Share of users, 0.0 ..= 1.0, in the canary arm; 0.0 (the default) turns the canary off.
+    /// A user's arm is a stable hash of the user id compared with the fraction, so a user stays
+    /// in its arm across requests, gateway replicas and restarts, and raising the fraction only
+    /// moves stable users into the canary (never back).
+    pub fraction: f64,
+    /// The canary arm's `ranker_weight` (0.0 ..= 1.0), in place of `[gateway] ranker_weight`;
+    /// at 0 the canary arm does not call a ranker either.
+    pub ranker_weight: f32,
+    /// The canary's ranker pods (`[gateway.canary.rankers]`, the shape of `[gateway.rankers]`;
+    /// write `addresses = []` beside `dns`, as there). Absent: the stable pods, for a canary of
+    /// the fusion weight alone.
+    pub rankers: Option<RankerEndpoints>,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self { fraction: 0.0, ranker_weight: 0.0, rankers: None }
+    }
+}
+
+impl CanaryConfig {
+    /// Checks the values; `(key, reason)` on error, keys relative to `[gateway]`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        check_fraction(self.fraction).map_err(|e| ("canary.fraction".to_string(), e))?;
+        check_weight(self.ranker_weight).map_err(|e| ("canary.ranker_weight".to_string(), e))?;
+        if let Some(rankers) = &self.rankers {
+            if rankers.max_in_flight_per_endpoint == 0 {
+                return Err(("canary.rankers.max_in_flight_per_endpoint".into(), "must be at least 1".into()));
+            }
+            if rankers.addresses.is_empty() && rankers.dns.is_none() && self.fraction > 0.0 && self.ranker_weight > 0.0 {
+                // Allowed, as for the stable arm: every canary Recommend is then degraded.
+                tracing::warn!("no canary ranker endpoints configured; every Recommend of the canary arm will be degraded");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A share of users for the canary arm: 0.0 ..= 1.0 (NaN refused).
+pub fn check_fraction(fraction: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&fraction) {
+        Ok(())
+    } else {
+        Err(format!("must be within 0.0 ..= 1.0 (got {fraction})"))
+    }
+}
+
+/// A fusion weight: 0.0 ..= 1.0 (NaN refused).
+pub fn check_weight(weight: f32) -> Result<(), String> {
+    if (0.0..=1.0).contains(&weight) {
+        Ok(())
+    } else {
+        Err(format!("must be within 0.0 ..= 1.0 (got {weight})"))
+    }
+}
+
 /// The `[gateway]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -282,6 +346,13 @@ pub struct GatewayConfig {
     /// Shadow ranking at `ranker_weight` 0 (`[gateway.shadow_ranker]`): a sampled fraction of
     /// requests' candidates scored by the ranker beside the answer, for offline comparison. Off.
     pub shadow_ranker: ShadowRankerConfig,
+    /// The canary split (`[gateway.canary]`): a sticky share of users ranked by other pods with
+    /// another weight. Off.
+    pub canary: CanaryConfig,
+    /// A file of admin tokens (one per line, `#` comments), any of which may call the admin RPCs
+    /// `GetSplit` and `SetSplit` (`llamarec split`). None: they are refused (PERMISSION_DENIED).
+    /// An admin token also passes the `[gateway.auth]` check, so an operator needs only one.
+    pub admin_tokens_file: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -325,6 +396,8 @@ impl Default for GatewayConfig {
             worker_threads: 0,
             retrieve_batching: Default::default(),
             shadow_ranker: Default::default(),
+            canary: Default::default(),
+            admin_tokens_file: None,
         }
     }
 }
@@ -362,6 +435,7 @@ impl Section for GatewayConfig {
             return err("rankers.max_in_flight_per_endpoint", "must be at least 1");
         }
         self.shadow_ranker.validate()?;
+        self.canary.validate()?;
         if self.rankers.addresses.is_empty() && self.rankers.dns.is_none() {
             // Allowed: the gateway then serves the retriever's order, flagged as degraded when
             // the ranker was wanted.
@@ -489,6 +563,52 @@ mod tests {
         for file in ["deploy/local/llamarec.toml", "deploy/docker/llamarec.toml", "deploy/k8s/base/llamarec.toml"] {
             let c = ConfigLayers::load_with_env(Some(&root.join(file)), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap();
             assert_eq!((c.ranker_weight, c.shadow_ranker.fraction), (0.0, 0.0), "{file}");
+        }
+    }
+
+    #[test]
+    fn the_canary_section_is_off_by_default_reads_from_toml_and_names_bad_keys() {
+        let c = GatewayConfig::default();
+        assert_eq!(c.canary, CanaryConfig { fraction: 0.0, ranker_weight: 0.0, rankers: None }, "no canary by default");
+        assert_eq!(c.admin_tokens_file, None, "admin RPCs refused by default");
+        let canary = |fraction: f64, ranker_weight: f32| GatewayConfig { canary: CanaryConfig { fraction, ranker_weight, rankers: None }, ..Default::default() };
+        assert_eq!(canary(0.3, 0.5).validate(), Ok(()));
+        assert_eq!(canary(1.0, 1.0).validate(), Ok(()));
+        for bad in [-0.1, 1.5, f64::NAN] {
+            assert_eq!(invalid_key(canary(bad, 0.5)), "canary.fraction", "{bad}");
+        }
+        for bad in [-0.1, 1.01, f32::NAN] {
+            assert_eq!(invalid_key(canary(0.3, bad)), "canary.ranker_weight", "{bad}");
+        }
+        let zero = GatewayConfig {
+            canary: CanaryConfig { rankers: Some(RankerEndpoints { max_in_flight_per_endpoint: 0, ..Default::default() }), ..canary(0.3, 0.5).canary },
+            ..Default::default()
+        };
+        assert_eq!(invalid_key(zero), "canary.rankers.max_in_flight_per_endpoint");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nadmin_tokens_file = \"/run/secrets/admin\"\n[gateway.canary]\nfraction = 0.1\nranker_weight = 0.4\n\
+             [gateway.canary.rankers]\naddresses = []\ndns = \"ranker-canary:50052\"\nmax_in_flight_per_endpoint = 2\n",
+        )
+        .unwrap();
+        let c = ConfigLayers::load_with_env(Some(&path), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap();
+        assert_eq!((c.canary.fraction, c.canary.ranker_weight, c.ranker_weight), (0.1, 0.4, 0.0));
+        let rankers = c.canary.rankers.expect("canary pods");
+        assert_eq!((rankers.addresses.len(), rankers.dns.as_deref(), rankers.max_in_flight_per_endpoint), (0, Some("ranker-canary:50052"), 2));
+        assert_eq!(c.rankers, RankerEndpoints::default(), "the stable pods are unchanged");
+        assert_eq!(c.admin_tokens_file.as_deref(), Some(std::path::Path::new("/run/secrets/admin")));
+        for (text, key) in [
+            ("[gateway.canary]\nfraction = 1.5\n", "gateway.canary.fraction"),
+            ("[gateway.canary]\nranker_weight = -1.0\n", "gateway.canary.ranker_weight"),
+            ("[gateway.canary]\nfractoin = 0.5\n", "gateway.canary"),
+            ("[gateway.canary.rankers]\nadresses = []\n", "gateway.canary.rankers"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = ConfigLayers::load_with_env(Some(&path), Some(vec![])).unwrap().section::<GatewayConfig>().unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
         }
     }
 

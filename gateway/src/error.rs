@@ -28,6 +28,13 @@ pub enum GatewayError {
     /// The caller's deadline passed before the retriever answered.
     #[error("deadline exceeded after {0} ms before candidates were retrieved")]
     Deadline(u64),
+    /// No admin token is configured: the admin RPCs (GetSplit, SetSplit) are refused outright.
+    #[error(
+        "the admin RPCs are disabled on this gateway: no admin tokens are configured; set \
+         `[gateway] admin_tokens_file` (LLAMAREC_GATEWAY__ADMIN_TOKENS_FILE) to a file of tokens, \
+         restart it, and send one as `authorization: Bearer <token>`"
+    )]
+    AdminDisabled,
 }
 
 impl From<GatewayError> for Status {
@@ -50,6 +57,7 @@ impl From<GatewayError> for Status {
                 _ => Code::Unavailable,
             },
             GatewayError::Deadline(_) => Code::DeadlineExceeded,
+            GatewayError::AdminDisabled => Code::PermissionDenied,
         };
         Status::new(code, e.to_string())
     }

@@ -1,6 +1,7 @@
 //! The LlamaRec gateway: validates requests, reads and appends user histories, fans out to the
 //! retriever and the rankers within the caller's deadline, and merges both stages' scores.
 
+pub mod canary;
 pub mod capture;
 pub mod catalog;
 pub mod config;

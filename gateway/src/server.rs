@@ -1,5 +1,6 @@
 //! Builds the gateway from configuration and serves it.
 
+use crate::canary::Canary;
 use crate::catalog::Catalog;
 use crate::config::{GatewayConfig, StoreConfig};
 use crate::history::{AnyStore, EmbeddedStore, HistoryStore, RedisStore, StoredEvent, UserHistoryCache};
@@ -70,6 +71,28 @@ fn seed_histories(dataset: &Dataset) -> Vec<(String, Vec<StoredEvent>)> {
         .collect()
 }
 
+/// The server's access checks: every RPC's (`[gateway.auth]`'s tokens, which admin tokens also
+/// pass, since one `authorization` header carries one token) and the admin RPCs' (admin tokens
+/// only; none configured: the admin RPCs are refused).
+fn access(config: &GatewayConfig) -> anyhow::Result<(auth::BearerAuth, auth::BearerAuth)> {
+    let callers = config.auth.build("gateway").context("gateway.auth")?;
+    let admin_tokens = match &config.admin_tokens_file {
+        Some(path) => auth::read_tokens_file(path).context("gateway.admin_tokens_file")?,
+        None => Vec::new(),
+    };
+    let callers = if callers.is_enabled() && !admin_tokens.is_empty() {
+        let mut tokens = config.auth.tokens.clone();
+        if let Some(path) = &config.auth.tokens_file {
+            tokens.extend(auth::read_tokens_file(path).context("gateway.auth")?);
+        }
+        auth::BearerAuth::new("gateway", tokens.into_iter().chain(admin_tokens.iter().cloned()))
+    } else {
+        // No caller tokens: calls are open, and the admin RPCs alone ask for an admin token.
+        callers
+    };
+    Ok((callers, auth::BearerAuth::new("gateway admin", admin_tokens)))
+}
+
 /// Binds the configured address and serves until SIGTERM or Ctrl-C (the binary and
 /// `llamarec serve gateway`).
 pub async fn serve(layers: &ConfigLayers) -> anyhow::Result<()> {
@@ -82,7 +105,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let mut config = layers.section::<GatewayConfig>()?;
     // Access settings first, so a bad certificate or token file stops the start at once.
     config.backend_token = auth::resolve_secret("gateway.backend_token", config.backend_token.as_deref(), config.backend_token_file.as_deref())?;
-    let bearer = config.auth.build("gateway").context("gateway.auth")?;
+    let (bearer, admin) = access(&config)?;
     let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("gateway.tls")?;
     let (retriever_tls, ranker_tls) = match &config.backend_tls {
         Some(b) => (
@@ -116,10 +139,21 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     )
     .max_decoding_message_size(config.max_message_bytes);
     let retriever = Retriever::new(RetrieverCalls::new(retriever, config.backend_token.clone(), &config.retrieve_batching), catalog.clone(), &config);
-    let rankers = RankerPool::new(&config.rankers, ranker_tls)?;
+    let rankers = RankerPool::new(&config.rankers, ranker_tls.clone())?;
     if let Some(dns) = config.rankers.dns.clone() {
         tokio::spawn(rankers.clone().refresh_from_dns(dns, Duration::from_millis(config.rankers.resolve_interval_ms)));
     }
+    // The canary's own pods, dialled and refreshed like the stable ones; none: the same pods.
+    let canary_rankers = match &config.canary.rankers {
+        Some(endpoints) => {
+            let pool = RankerPool::new(endpoints, ranker_tls).context("gateway.canary.rankers")?;
+            if let Some(dns) = endpoints.dns.clone() {
+                tokio::spawn(pool.clone().refresh_from_dns(dns, Duration::from_millis(endpoints.resolve_interval_ms)));
+            }
+            Some(pool)
+        }
+        None => None,
+    };
     if let Some(addr) = config.metrics_listen {
         llamarec_common::telemetry::install_prometheus(addr, &[]).with_context(|| format!("metrics listener on {addr}"))?;
     }
@@ -129,7 +163,17 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
     let shadow =
         if config.ranker_weight > 0.0 { None } else { crate::shadow::ShadowRanker::start(&config.shadow_ranker).context("starting shadow ranking")? };
     let ranker = Arc::new(Ranker::new(rankers, catalog.clone(), &config));
-    let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker).with_traffic(traffic).with_shadow(shadow).with_fallback(fallback);
+    let canary_ranker = match canary_rankers {
+        Some(pool) => Arc::new(Ranker::new(pool, catalog.clone(), &config)),
+        None => ranker.clone(),
+    };
+    let canary = Arc::new(Canary::new(&config, ranker.clone(), canary_ranker));
+    let service = GatewayService::new(config.clone(), catalog, histories, retriever, ranker)
+        .with_canary(canary)
+        .with_admin(admin.clone())
+        .with_traffic(traffic)
+        .with_shadow(shadow)
+        .with_fallback(fallback);
     let (health, health_service) = serving::health();
     if let Some(addr) = config.health_listen {
         serving::spawn_health_listener(addr, health_service.clone()).await.context("gateway.health_listen")?;
@@ -149,6 +193,7 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         tls = config.tls.is_some(),
         mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         bearer_auth = bearer.is_enabled(),
+        admin_rpcs = admin.is_enabled(),
         backend_tls = config.backend_tls.is_some(),
         backend_token = config.backend_token.is_some(),
         "gateway access"
@@ -159,6 +204,8 @@ pub async fn run(layers: &ConfigLayers, listener: TcpListener, shutdown: impl Fu
         rankers = ?config.rankers.addresses,
         ranker_weight = config.ranker_weight,
         shadow_fraction = config.shadow_ranker.fraction,
+        canary_fraction = config.canary.fraction,
+        canary_ranker_weight = config.canary.ranker_weight,
         "gateway serving"
     );
     serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;

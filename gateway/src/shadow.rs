@@ -13,7 +13,7 @@
 //! written as one JSON line, a [`ShadowRecord`] with the request id, to `path` for offline
 //! comparison with the served (retriever) order.
 
-use crate::capture::{open_capture_file, spawn_jsonl_writer};
+use crate::capture::{fnv1a, open_capture_file, spawn_jsonl_writer};
 use crate::config::ShadowRankerConfig;
 use crate::merge::Retrieved;
 use crate::ranker_client::Ranker;
@@ -213,11 +213,6 @@ fn label(outcome: &str) -> &'static str {
 
 fn count(outcome: &'static str) {
     metrics::counter!("llamarec_gateway_shadow_rank_total", "outcome" => outcome).increment(1);
-}
-
-/// FNV-1a, 64 bits: a stable hash of the request id (std's hasher is seeded per process).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 #[cfg(test)]

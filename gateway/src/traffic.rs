@@ -2,15 +2,20 @@
 //! [`TrafficRecord`] each, with its arrival time. `llamarec replay` reads the same type back, so
 //! a capture can be replayed exactly as it arrived.
 //!
-//! The request path only draws a sample (one atomic add and a hash), copies the request's fields
-//! when sampled and offers them to a bounded channel; a dedicated writer thread serialises and
-//! writes. When the channel is full the record is dropped and counted
-//! (`llamarec_gateway_traffic_dropped_total`): capture never slows or blocks a request.
+//! The request path only draws a sample (one atomic add and a hash) and copies the request's
+//! fields when sampled, into a [`PendingTraffic`]; once the request is answered (or fails, or is
+//! cancelled) its [`TrafficOutcome`] is added (the canary arm, the items, the retriever and
+//! ranker versions, degraded, latency) and the record is offered to a bounded channel; a
+//! dedicated writer thread serialises and writes. Records are therefore written in the order
+//! requests end, not arrive; [`read_traffic`] sorts them by arrival. When the channel is full the
+//! record is dropped and counted (`llamarec_gateway_traffic_dropped_total`): capture never slows
+//! or blocks a request. A capture with outcomes and later events is what `llamarec traffic
+//! hit-rate` compares the arms of a canary split on.
 
 use crate::capture::{open_capture_file, spawn_jsonl_writer};
 use crate::config::TrafficConfig;
 use llamarec_common::rng::splitmix64;
-use llamarec_proto::v1::{Event, InlineHistory, RecommendOptions, RecommendRequest};
+use llamarec_proto::v1::{Event, InlineHistory, ModelVersion, RecommendOptions, RecommendRequest, RecommendResponse};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -56,6 +61,98 @@ pub struct TrafficRecord {
     /// The caller's gRPC deadline, when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// How the gateway answered (absent in synthetic traffic and in captures from before
+    /// outcomes were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<TrafficOutcome>,
+}
+
+/// A model's name, version and label, as in Recommend's `retriever_model` / `ranker_model`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordedModel {
+    /// Human-readable model name.
+    pub name: String,
+    /// Content-derived version.
+    pub version: String,
+    /// The operator's label.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+}
+
+impl From<&ModelVersion> for RecordedModel {
+    fn from(m: &ModelVersion) -> Self {
+        Self { name: m.name.clone(), version: m.version.clone(), label: m.label.clone() }
+    }
+}
+
+/// How a recorded Recommend ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficOutcome {
+    /// The gRPC status: "Ok", or the error's code ("ResourceExhausted", "Unavailable", ...;
+    /// "Cancelled" when the caller went away first).
+    pub code: String,
+    /// The canary split's arm that served the user ("stable" or "canary"); empty when the request
+    /// failed before it was routed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub arm: String,
+    /// The fusion weight the answer was merged with (the arm's `ranker_weight`).
+    #[serde(default)]
+    pub ranker_weight: f32,
+    /// The recommended item ids, best first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<String>,
+    /// Whether the answer was degraded.
+    #[serde(default)]
+    pub degraded: bool,
+    /// The degraded reason's name, when degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_reason: Option<String>,
+    /// The retriever model that produced the candidates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retriever_model: Option<RecordedModel>,
+    /// The ranker model that scored them; absent when not ranked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranker_model: Option<RecordedModel>,
+    /// Time inside the gateway, milliseconds.
+    #[serde(default)]
+    pub latency_ms: f64,
+}
+
+impl TrafficOutcome {
+    /// The outcome of an answered Recommend, merged with `ranker_weight`, after `latency`.
+    pub fn answered(response: &RecommendResponse, ranker_weight: f32, latency: Duration) -> Self {
+        Self {
+            code: format!("{:?}", tonic::Code::Ok),
+            arm: response.arm.clone(),
+            ranker_weight,
+            items: response.items.iter().map(|i| i.item_id.clone()).collect(),
+            degraded: response.degraded,
+            degraded_reason: response.degraded.then(|| response.degraded_reason().as_str_name().to_string()),
+            retriever_model: response.retriever_model.as_ref().map(RecordedModel::from),
+            ranker_model: response.ranker_model.as_ref().map(RecordedModel::from),
+            latency_ms: latency.as_secs_f64() * 1e3,
+        }
+    }
+
+    /// The outcome of a Recommend that failed with `code` after `latency`.
+    pub fn failed(code: tonic::Code, latency: Duration) -> Self {
+        Self {
+            code: format!("{code:?}"),
+            arm: String::new(),
+            ranker_weight: 0.0,
+            items: Vec::new(),
+            degraded: false,
+            degraded_reason: None,
+            retriever_model: None,
+            ranker_model: None,
+            latency_ms: latency.as_secs_f64() * 1e3,
+        }
+    }
+
+    /// Whether the request was answered.
+    pub fn is_ok(&self) -> bool {
+        self.code == "Ok"
+    }
 }
 
 impl TrafficRecord {
@@ -72,6 +169,7 @@ impl TrafficRecord {
             inline_history: req.inline_history.as_ref().map(|h| h.item_ids.clone()),
             events: req.append_events.iter().map(|e| TrafficEvent { item_id: e.item_id.clone(), timestamp_ms: e.timestamp_ms }).collect(),
             deadline_ms: deadline.map(|d| d.as_millis() as u64),
+            outcome: None,
         }
     }
 
@@ -174,23 +272,60 @@ impl TrafficRecorder {
         Self { inner: Arc::new(Inner { sampler, start: Instant::now(), start_unix, tx }) }
     }
 
-    /// Records `req` (arrived now, with the caller's `deadline`) when sampled. Returns whether a
-    /// record was queued.
-    pub fn offer(&self, req: &RecommendRequest, deadline: Option<Duration>) -> bool {
+    /// Starts the record of `req` (arrived now, with the caller's `deadline`) when sampled; it
+    /// is queued for the writer when the returned [`PendingTraffic`] is finished or dropped.
+    pub fn offer(&self, req: &RecommendRequest, deadline: Option<Duration>) -> Option<PendingTraffic> {
         if !self.inner.sampler.sample() {
-            return false;
+            return None;
         }
         let offset = self.inner.start.elapsed();
         let unix_ms = (self.inner.start_unix + offset).as_millis() as u64;
-        match self.inner.tx.try_send(TrafficRecord::from_request(req, offset, Some(unix_ms), deadline)) {
-            Ok(()) => {
-                metrics::counter!("llamarec_gateway_traffic_captured_total").increment(1);
-                true
-            }
-            Err(_) => {
-                metrics::counter!("llamarec_gateway_traffic_dropped_total").increment(1);
-                false
-            }
+        let record = TrafficRecord::from_request(req, offset, Some(unix_ms), deadline);
+        Some(PendingTraffic { record: Some(record), arrived: Instant::now(), tx: self.inner.tx.clone() })
+    }
+}
+
+/// A sampled request's record, waiting for the request to end. Dropped unfinished (the caller
+/// went away and the request's future with it), it is queued with the outcome "Cancelled", so
+/// that a replay still sends every request that arrived.
+pub struct PendingTraffic {
+    record: Option<TrafficRecord>,
+    arrived: Instant,
+    tx: mpsc::Sender<TrafficRecord>,
+}
+
+impl PendingTraffic {
+    /// When the request arrived.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    /// Queues the record with `outcome`; whether it was queued (not dropped on a full queue).
+    pub fn finish(mut self, outcome: TrafficOutcome) -> bool {
+        let mut record = self.record.take().expect("finished once");
+        record.outcome = Some(outcome);
+        queue(&self.tx, record)
+    }
+}
+
+impl Drop for PendingTraffic {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.outcome = Some(TrafficOutcome::failed(tonic::Code::Cancelled, self.arrived.elapsed()));
+            queue(&self.tx, record);
+        }
+    }
+}
+
+fn queue(tx: &mpsc::Sender<TrafficRecord>, record: TrafficRecord) -> bool {
+    match tx.try_send(record) {
+        Ok(()) => {
+            metrics::counter!("llamarec_gateway_traffic_captured_total").increment(1);
+            true
+        }
+        Err(_) => {
+            metrics::counter!("llamarec_gateway_traffic_dropped_total").increment(1);
+            false
         }
     }
 }
@@ -198,6 +333,7 @@ impl TrafficRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llamarec_proto::v1::RecommendedItem;
 
     fn request() -> RecommendRequest {
         RecommendRequest {
@@ -265,11 +401,25 @@ mod tests {
         std::fs::write(&path, "old\n").unwrap();
         let config = TrafficConfig { sample_rate: 1.0, path: path.clone(), queue: 64 };
         let recorder = TrafficRecorder::start(&config).unwrap().unwrap();
+        let mut pending = Vec::new();
         for i in 0..10 {
             let mut req = request();
             req.user_id = i.to_string();
-            assert!(recorder.offer(&req, None));
+            pending.push(recorder.offer(&req, None).expect("sampled"));
         }
+        // Requests end in another order than they arrived; the last one is cancelled (dropped).
+        let cancelled = pending.pop().unwrap();
+        for (i, p) in pending.into_iter().enumerate().rev() {
+            let response = RecommendResponse {
+                items: vec![RecommendedItem { item_id: format!("item-{i}"), ..Default::default() }],
+                arm: if i % 2 == 0 { "stable" } else { "canary" }.into(),
+                retriever_model: Some(ModelVersion { name: "lrurec".into(), version: "abc".into(), label: String::new() }),
+                ranker_model: (i % 2 == 1).then(|| ModelVersion { name: "llm".into(), version: "def".into(), label: "new".into() }),
+                ..Default::default()
+            };
+            assert!(p.finish(TrafficOutcome::answered(&response, 0.5, Duration::from_millis(3))));
+        }
+        drop(cancelled);
         drop(recorder); // closes the channel; the writer drains and exits
         let mut records = Vec::new();
         for _ in 0..500 {
@@ -282,6 +432,15 @@ mod tests {
         assert_eq!(records.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>(), (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
         assert!(records.windows(2).all(|w| w[0].offset_ms <= w[1].offset_ms && w[0].unix_ms <= w[1].unix_ms));
         assert!(records.iter().all(|r| r.events.len() == 2 && r.skip_ranker && r.candidates == 12));
+        for (i, r) in records.iter().enumerate().take(9) {
+            let o = r.outcome.as_ref().expect("an outcome");
+            assert!(o.is_ok());
+            assert_eq!((o.items.clone(), o.arm.as_str(), o.ranker_weight, o.latency_ms), (vec![format!("item-{i}")], if i % 2 == 0 { "stable" } else { "canary" }, 0.5, 3.0));
+            assert_eq!(o.retriever_model.as_ref().map(|m| m.version.as_str()), Some("abc"));
+            assert_eq!(o.ranker_model.as_ref().map(|m| (m.version.as_str(), m.label.as_str())), (i % 2 == 1).then_some(("def", "new")));
+        }
+        let last = records[9].outcome.as_ref().unwrap();
+        assert_eq!((last.code.as_str(), last.arm.as_str(), last.items.len()), ("Cancelled", "", 0), "dropped unfinished: recorded as cancelled");
         // The earlier capture was kept, not overwritten.
         let kept: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "traffic.jsonl").collect();
         assert_eq!(kept.len(), 1);
@@ -290,7 +449,7 @@ mod tests {
         // No writer draining: the bounded queue fills and further offers are dropped, not blocked.
         let (tx, _rx) = mpsc::channel(3);
         let stuck = TrafficRecorder::with_sender(Sampler::new(1.0, 0), tx);
-        let queued = (0..10).filter(|_| stuck.offer(&request(), None)).count();
+        let queued = (0..10).filter(|_| stuck.offer(&request(), None).is_some_and(|p| p.finish(TrafficOutcome::failed(tonic::Code::Unavailable, Duration::ZERO)))).count();
         assert_eq!(queued, 3);
         // Off by default.
         assert!(TrafficRecorder::start(&TrafficConfig::default()).unwrap().is_none());

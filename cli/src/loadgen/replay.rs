@@ -223,6 +223,18 @@ mod tests {
         ) -> Result<tonic::Response<llamarec_proto::v1::GetHistoryResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented(""))
         }
+        async fn get_split(
+            &self,
+            _: tonic::Request<llamarec_proto::v1::GetSplitRequest>,
+        ) -> Result<tonic::Response<llamarec_proto::v1::GetSplitResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented(""))
+        }
+        async fn set_split(
+            &self,
+            _: tonic::Request<llamarec_proto::v1::SetSplitRequest>,
+        ) -> Result<tonic::Response<llamarec_proto::v1::SetSplitResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented(""))
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,6 +97,7 @@ pub(crate) mod tests {
                 inline_history: None,
                 events: vec![],
                 deadline_ms: None,
+                outcome: None,
             })
             .collect()
     }

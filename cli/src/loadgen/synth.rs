@@ -24,6 +24,7 @@ pub fn synth(users: &[String], rate: f64, duration: Duration, skip_ranker_share:
             inline_history: None,
             events: Vec::new(),
             deadline_ms: None,
+            outcome: None,
         })
         .collect()
 }

@@ -184,6 +184,7 @@ pub async fn run(layers: &ConfigLayers, args: ReplayBenchArgs) -> Result<()> {
             inline_history: None,
             events: vec![],
             deadline_ms: None,
+            outcome: None,
         })
         .collect();
     let warm_options = ReplayOptions {
