@@ -63,9 +63,12 @@ enum Command {
     /// Load a new model into a running service without a restart (admin token).
     #[command(subcommand)]
     Reload(commands::reload::ReloadCommand),
+    /// Read or set the canary split of a running gateway (share of users, canary fusion weight;
+    /// admin token).
+    Split(commands::split::SplitArgs),
     /// Drive a gateway open-loop from a traffic file; report throughput, latency, errors.
     Replay(commands::replay::ReplayArgs),
-    /// Traffic files for `replay`.
+    /// Traffic files: synthetic ones for `replay`, and the hit rate per canary arm of a capture.
     #[command(subcommand)]
     Traffic(commands::traffic::TrafficCommand),
 }
@@ -106,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ScorePrompt(args) => commands::score_prompt::run(&layers, args),
         Command::Recommend(args) => runtime()?.block_on(commands::recommend::run(args)),
         Command::Reload(cmd) => runtime()?.block_on(commands::reload::run(cmd)),
+        Command::Split(args) => runtime()?.block_on(commands::split::run(args)),
         Command::Replay(args) => runtime()?.block_on(commands::replay::run(&layers, args)),
         Command::Traffic(cmd) => commands::traffic::run(&layers, cmd),
         Command::Config(cmd) => commands::config::run(&cmd),

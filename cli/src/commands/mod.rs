@@ -20,6 +20,7 @@ pub mod reload;
 pub mod replay;
 pub mod score_prompt;
 pub mod serve;
+pub mod split;
 pub mod traffic;
 pub mod train;
 pub mod train_ranker;
