@@ -1,10 +1,21 @@
 //! Our Llama forward pass: left-padded batches with an attention mask, a reusable KV cache,
 //! per-position hidden states, optional LoRA, and an output head restricted to chosen tokens.
+//!
+//! - [`rope`]: the RoPE tables (and the differentiable rotation for training).
+//! - [`attention`]: the generic (candle-op) attention path; the fused CPU one is `cpu_kernels`.
+//! - [`pack`]: re-packing a loaded model for serving ([`Llama::pack_bf16`],
+//!   [`Llama::merge_lora`]).
+
+mod attention;
+mod pack;
+mod rope;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
+use self::attention::{append_kv, attention};
+use self::rope::{rope_differentiable, Rope};
 use crate::config::LlamaConfig;
 use crate::cpu_kernels;
 use crate::error::{RankerError, Result};
@@ -133,117 +144,6 @@ pub enum Kernels {
     Generic,
     /// Only elementary candle ops, so gradients flow everywhere (LoRA training).
     Differentiable,
-}
-
-/// RoPE tables `(max_seq_len, head_dim / 2)` for HF's half-split rotation.
-#[derive(Debug, Clone)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables as plain f32, for the fused CPU kernels.
-    cos_f32: Vec<f32>,
-    sin_f32: Vec<f32>,
-}
-
-impl Rope {
-    fn new(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        // f32 throughout, as HF's `inv_freq` and llama.cpp compute it, so that positions in
-        // the thousands get the same angles as the reference implementations.
-        let theta = cfg.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(cfg.max_seq_len * half);
-        let mut sin = Vec::with_capacity(cfg.max_seq_len * half);
-        for p in 0..cfg.max_seq_len {
-            for f in &inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let shape = (cfg.max_seq_len, half);
-        Ok(Self {
-            cos: Tensor::from_slice(&cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_slice(&sin, shape, device)?.to_dtype(dtype)?,
-            cos_f32: cos,
-            sin_f32: sin,
-        })
-    }
-
-    /// `(batch, len, head_dim / 2)` cos and sin tables for the given positions.
-    fn gather(&self, positions: &[u32], batch: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let idx = Tensor::from_slice(positions, positions.len(), self.cos.device())?;
-        let half = self.cos.dim(1)?;
-        let cos = self
-            .cos
-            .index_select(&idx, 0)?
-            .reshape((batch, len, half))?;
-        let sin = self
-            .sin
-            .index_select(&idx, 0)?
-            .reshape((batch, len, half))?;
-        Ok((cos, sin))
-    }
-}
-
-/// Hands the heap pages freed by replacing the f32 projections (~425 MB on SmolLM2-135M) back to
-/// the OS; glibc keeps them mapped otherwise, and the pod's resident memory would not shrink.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory at the top of the heap or in free pages.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// One of a block's fused projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    Qkv,
-    O,
-    GateUp,
-    Down,
-}
-
-impl Slot {
-    fn of(self, block: &mut BlockWeights) -> &mut Linear {
-        match self {
-            Self::Qkv => &mut block.qkv,
-            Self::O => &mut block.o,
-            Self::GateUp => &mut block.gate_up,
-            Self::Down => &mut block.down,
-        }
-    }
-
-    /// The fused projection holding `proj`, and the first output row of `proj` in it.
-    fn of_projection(proj: Projection, cfg: &LlamaConfig) -> (Self, usize) {
-        match proj {
-            Projection::QProj => (Self::Qkv, 0),
-            Projection::KProj => (Self::Qkv, cfg.q_dim()),
-            Projection::VProj => (Self::Qkv, cfg.q_dim() + cfg.kv_dim()),
-            Projection::OProj => (Self::O, 0),
-            Projection::GateProj => (Self::GateUp, 0),
-            Projection::UpProj => (Self::GateUp, cfg.intermediate_size),
-            Projection::DownProj => (Self::Down, 0),
-        }
-    }
-}
-
-/// `w` `(out, in)` with `delta` added to its rows `offset..offset + delta.rows`.
-fn add_rows(w: &Tensor, offset: usize, delta: &Tensor) -> Result<Tensor> {
-    let rows = delta.dim(0)?;
-    let total = w.dim(0)?;
-    let mut parts = Vec::new();
-    if offset > 0 {
-        parts.push(w.narrow(0, 0, offset)?);
-    }
-    parts.push((w.narrow(0, offset, rows)? + delta)?);
-    if offset + rows < total {
-        parts.push(w.narrow(0, offset + rows, total - offset - rows)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
 }
 
 /// A Llama-architecture decoder with our forward pass. Immutable and `Sync`: the attention
@@ -406,56 +306,6 @@ impl Llama {
         Ok(logits.reshape(out_dims)?)
     }
 
-    /// Re-packs every decoder projection as bf16 for the CPU's bf16 kernels (inference only),
-    /// merging `adapter` first. Returns the kernel used, or None (nothing changed) when the CPU
-    /// has no AVX-512 BF16, the model is off the CPU or not f32.
-    ///
-    /// Works one block at a time, and a quantized projection is dequantized only for its own
-    /// packing: loading the GGUF quantized and packing here keeps the peak near the packed
-    /// model's size, where loading dense f32 first held the whole f32 model (~540 MB for
-    /// SmolLM2-135M) at once.
-    pub fn pack_bf16(&mut self, adapter: Option<&LoraAdapter>) -> Result<Option<crate::bf16_gemm::Bf16Kernel>> {
-        let Some(kernel) = crate::bf16_gemm::Bf16Kernel::detect() else {
-            return Ok(None);
-        };
-        if !self.device.is_cpu() || self.dtype != DType::F32 {
-            return Ok(None);
-        }
-        let cfg = self.cfg.clone();
-        for (layer, block) in self.weights.blocks.iter_mut().enumerate() {
-            for slot in [Slot::Qkv, Slot::O, Slot::GateUp, Slot::Down] {
-                let linear = slot.of(block);
-                if matches!(linear, Linear::Bf16(_)) {
-                    continue;
-                }
-                let mut w = linear.to_dense(DType::F32)?;
-                if let Some(adapter) = adapter {
-                    for ((l, proj), pair) in adapter.pairs() {
-                        let (target, offset) = Slot::of_projection(*proj, &cfg);
-                        if *l == layer && target == slot {
-                            w = add_rows(&w, offset, &pair.delta_weight()?.to_dtype(DType::F32)?)?;
-                        }
-                    }
-                }
-                let (out, inp) = w.dims2()?;
-                let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                drop(w);
-                *slot.of(block) = Linear::Bf16(std::sync::Arc::new(crate::bf16_gemm::PackedBf16::pack(&data, out, inp)));
-            }
-            // Hand each block's dequantized copies back before the next one is made.
-            release_freed_heap();
-        }
-        // The embedding (also the output head when tied, as in SmolLM2) is the largest single
-        // weight left in f32: lookups and the verbalizer's 20 head rows widen what they read,
-        // so it can sit in bf16 too (56 MB less resident for SmolLM2-135M).
-        let tied = self.weights.lm_head.id() == self.weights.embed.id();
-        self.weights.embed = self.weights.embed.to_dtype(DType::BF16)?;
-        self.weights.lm_head = if tied { self.weights.embed.clone() } else { self.weights.lm_head.to_dtype(DType::BF16)? };
-        release_freed_heap();
-        self.bf16 = Some(kernel);
-        Ok(Some(kernel))
-    }
-
     /// Which kernels the decoder projections run on: "f32", "quantized", "bf16-amx" or
     /// "bf16-avx512" (for Info and logs).
     pub fn projection_kernels(&self) -> &'static str {
@@ -464,24 +314,6 @@ impl Llama {
             (None, Some(Linear::Quantized(_) | Linear::Concat(_))) => "quantized",
             _ => "f32",
         }
-    }
-
-    /// Merges a LoRA adapter into dense weights (serving: no per-token LoRA cost afterwards).
-    /// Fails when a target projection is held quantized; pass the adapter to
-    /// [`Llama::forward`] instead in that case.
-    pub fn merge_lora(&mut self, adapter: &LoraAdapter) -> Result<()> {
-        let cfg = self.cfg.clone();
-        for ((layer, proj), pair) in adapter.pairs() {
-            let delta = pair.delta_weight()?.to_dtype(self.dtype)?;
-            let (slot, offset) = Slot::of_projection(*proj, &cfg);
-            let Linear::Dense(w) = slot.of(&mut self.weights.blocks[*layer]) else {
-                return Err(RankerError::InvalidAdapter(format!(
-                    "cannot merge into quantized {proj:?} of layer {layer}"
-                )));
-            };
-            *w = add_rows(w, offset, &delta)?;
-        }
-        Ok(())
     }
 
     /// Runs `input` after the tokens held in `cache` (if any).
@@ -729,30 +561,6 @@ impl Llama {
     }
 }
 
-/// HF's half-split RoPE from elementary ops (candle's fused `rope` has no backward). `x` is
-/// `(b, h, t, d)`, `cos`/`sin` are `(b, t, d / 2)`.
-fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(3)? / 2;
-    let cos = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
-    let sin = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
-    let rotated = Tensor::cat(
-        &[&x.narrow(3, half, half)?.neg()?, &x.narrow(3, 0, half)?],
-        3,
-    )?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-}
-
-/// Appends this batch's keys and values to the cached ones.
-fn append_kv(past: &LayerKv, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    if past.k.dim(2)? == 0 {
-        return Ok((k, v));
-    }
-    Ok((
-        Tensor::cat(&[&past.k, &k], 2)?,
-        Tensor::cat(&[&past.v, &v], 2)?,
-    ))
-}
-
 fn lora_delta(
     lora: Option<&LoraAdapter>,
     layer: usize,
@@ -763,41 +571,6 @@ fn lora_delta(
         Some(l) => l.delta(layer, proj, x),
         None => Ok(None),
     }
-}
-
-/// Grouped-query attention. `q` is `(b, heads, tq, d)`, `k`/`v` are `(b, kv_heads, tk, d)`,
-/// `mask` is additive `(b, 1, 1, tq, tk)`. Returns `(b, tq, heads * d)`.
-///
-/// The query heads that share a key/value head are stacked along the row axis, so each group
-/// is one matmul against its K/V without materializing repeated K/V tensors.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    nkv: usize,
-    tq: usize,
-    hd: usize,
-    differentiable: bool,
-) -> candle_core::Result<Tensor> {
-    let (b, nh, _, _) = q.dims4()?;
-    let group = nh / nkv;
-    let tk = k.dim(2)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let q = (q.reshape((b, nkv, group * tq, hd))? * scale)?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, group, tq, tk))?;
-    let scores = scores.broadcast_add(mask)?;
-    let probs = if differentiable {
-        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let probs = probs.reshape((b, nkv, group * tq, tk))?;
-    let out = probs.matmul(v)?; // (b, nkv, group * tq, d)
-    out.reshape((b, nh, tq, hd))?
-        .transpose(1, 2)?
-        .reshape((b, tq, nh * hd))
 }
 
 /// Convenience: softmax over the last dimension in f32.
