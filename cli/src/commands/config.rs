@@ -198,6 +198,27 @@ fn gateway_vs_ranker(g: &GatewayConfig, r: &RankerServiceConfig, gateway_replica
             problems.push(("gateway.rankers.dns".into(), format!("{dns:?} is port {port}, but ranker.listen = {} listens on {}", r.listen, r.listen.port())));
         }
     }
+    // The canary's own pods run the same ranker configuration: the same admission rule.
+    if let Some(canary) = &g.canary.rankers {
+        let per_endpoint = canary.max_in_flight_per_endpoint as u64;
+        let total = per_endpoint * u64::from(gateway_replicas);
+        if (!canary.addresses.is_empty() || canary.dns.is_some()) && total > r.queue_capacity as u64 {
+            problems.push((
+                "gateway.canary.rankers.max_in_flight_per_endpoint".into(),
+                format!(
+                    "{per_endpoint} calls per canary ranker endpoint x {gateway_replicas} gateway replica(s) = {total} in flight to one ranker, above \
+                     ranker.queue_capacity = {}: keep max_in_flight_per_endpoint x gateway replicas <= queue_capacity",
+                    r.queue_capacity
+                ),
+            ));
+        }
+        if let Some(port) = canary.dns.as_deref().and_then(port_of).filter(|p| *p != r.listen.port()) {
+            problems.push((
+                "gateway.canary.rankers.dns".into(),
+                format!("{:?} is port {port}, but ranker.listen = {} listens on {}", canary.dns.as_deref().unwrap_or(""), r.listen, r.listen.port()),
+            ));
+        }
+    }
     // Several static rankers on one host listen on several ports (set per process); at least one
     // must be where this file's ranker listens.
     if !g.rankers.addresses.is_empty() && !g.rankers.addresses.iter().any(|a| port_of(a) == Some(r.listen.port())) {
@@ -251,6 +272,19 @@ mod tests {
             "{:#?}",
             report.problems
         );
+    }
+
+    #[test]
+    fn the_canary_pods_meet_the_same_admission_rule_and_port() {
+        let text = "[gateway.rankers]\ndns = \"ranker:50052\"\naddresses = []\nmax_in_flight_per_endpoint = 2\n\
+                    [gateway.canary]\nfraction = 0.1\nranker_weight = 0.5\n[gateway.canary.rankers]\naddresses = []\ndns = \"ranker-canary:50052\"\n\
+                    max_in_flight_per_endpoint = 4\n[ranker]\nlisten = \"0.0.0.0:50052\"\nqueue_capacity = 8\n";
+        assert!(check_text(text, &[], 2).problems.is_empty(), "4 x 2 = 8 fits a queue of 8");
+        assert_eq!(keys(&check_text(text, &[], 3)), ["gateway.canary.rankers.max_in_flight_per_endpoint"]);
+        let wrong_port = text.replace("ranker-canary:50052", "ranker-canary:50053");
+        assert_eq!(keys(&check_text(&wrong_port, &[], 1)), ["gateway.canary.rankers.dns"]);
+        let bad = text.replace("fraction = 0.1", "fraction = 1.1");
+        assert_eq!(keys(&check_text(&bad, &[], 1)), ["gateway.canary.fraction"]);
     }
 
     #[test]
