@@ -53,9 +53,7 @@ pub fn user_point(user_id: &str) -> u64 {
 pub fn arm_of(user_id: &str, fraction: f64) -> Arm {
     if fraction.is_nan() || fraction <= 0.0 {
         Arm::Stable
-    } else if fraction >= 1.0 {
-        Arm::Canary
-    } else if user_point(user_id) < (fraction * u64::MAX as f64) as u64 {
+    } else if fraction >= 1.0 || user_point(user_id) < (fraction * u64::MAX as f64) as u64 {
         Arm::Canary
     } else {
         Arm::Stable

@@ -151,12 +151,12 @@ impl<S: HistoryStore> GatewayService<S> {
         let deadline = Deadline::for_caller(start, timeout, Duration::from_millis(self.config.reserve_ms), self.config.reserve_fraction);
         let req = request.into_inner();
         tracing::Span::current().record("request_id", request_id.as_str()).record("user_id", req.user_id.as_str());
-        // The user's arm, its rankers and weight: one load of the split for the whole request.
-        let route = self.canary.route(&req.user_id);
-        tracing::Span::current().record("arm", route.arm.as_str());
 
         let validate::RecommendPlan { k, num_candidates: n } = validate::recommend(&self.config, &self.catalog, &req)?;
         let options = req.options.unwrap_or_default();
+        // The user's arm, its rankers and weight: one load of the split for the whole request.
+        let route = self.canary.route(&req.user_id);
+        tracing::Span::current().record("arm", route.arm.as_str());
 
         // Borrowed ids, not copies: the stored history is shared with the cache.
         let stored;
