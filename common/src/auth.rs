@@ -186,11 +186,29 @@ pub fn resolve_secret(key: &str, value: Option<&str>, file: Option<&Path>) -> an
     Ok(Some(secret))
 }
 
-/// A service's shared-token setting (`auth_token` / `auth_token_file` in `[retriever]` and
-/// `[ranker]`): the check for its server.
-pub fn shared_token_auth(name: &'static str, section: &str, token: Option<&str>, file: Option<&Path>) -> anyhow::Result<BearerAuth> {
-    let token = resolve_secret(&format!("{section}.auth_token"), token, file)?;
-    Ok(BearerAuth::new(name, token))
+/// A model service's access checks from its `auth_token` / `auth_token_file` /
+/// `admin_tokens_file` keys (`[retriever]`, `[ranker]`; `name` is the section): the check of
+/// every RPC (the shared backend token, which admin tokens also pass, since one `authorization`
+/// header carries one token; open without a backend token) and the check of the admin RPCs
+/// (admin tokens only; disabled when none are configured).
+pub fn model_service_access(
+    name: &'static str,
+    admin_name: &'static str,
+    token: Option<&str>,
+    token_file: Option<&Path>,
+    admin_tokens_file: Option<&Path>,
+) -> anyhow::Result<(BearerAuth, BearerAuth)> {
+    let token = resolve_secret(&format!("{name}.auth_token"), token, token_file)?;
+    let admin_tokens = match admin_tokens_file {
+        Some(path) => read_tokens_file(path).map_err(|e| anyhow::anyhow!("{name}.admin_tokens_file: {e}"))?,
+        None => Vec::new(),
+    };
+    let callers = match token {
+        Some(token) => BearerAuth::new(name, std::iter::once(token).chain(admin_tokens.iter().cloned())),
+        // No backend token: calls are open, and the admin RPCs alone ask for an admin token.
+        None => BearerAuth::open(name),
+    };
+    Ok((callers, BearerAuth::new(admin_name, admin_tokens)))
 }
 
 /// A listen address reachable from other hosts without any token check, or with a token that

@@ -1,6 +1,6 @@
 //! Code that more than one llamarec crate needs: data sets and their preprocessing, ranking
 //! metrics (Recall/NDCG/MRR, not Prometheus), the layered configuration, the server plumbing,
-//! the request id, the seeded generator, what benchmarks measure, asset fetching and telemetry
+//! the request id, model labels, the seeded generator, what benchmarks measure, asset fetching and telemetry
 //! set-up.
 
 pub mod assets;
@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod fusion;
+pub mod model_label;
 pub mod ranking_metrics;
 pub mod request_id;
 pub mod rng;

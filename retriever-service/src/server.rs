@@ -89,22 +89,6 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     serve_config(config, listener, shutdown, None).await
 }
 
-/// The server's access checks: every RPC's (the shared backend token, which admin tokens also
-/// pass, since one `authorization` header carries one token) and Reload's (admin tokens only).
-fn access(config: &RetrieverServiceConfig) -> anyhow::Result<(auth::BearerAuth, auth::BearerAuth)> {
-    let token = auth::resolve_secret("retriever.auth_token", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
-    let admin_tokens = match &config.admin_tokens_file {
-        Some(path) => auth::read_tokens_file(path).context("retriever.admin_tokens_file")?,
-        None => Vec::new(),
-    };
-    let callers = match token {
-        Some(token) => auth::BearerAuth::new("retriever", std::iter::once(token).chain(admin_tokens.iter().cloned())),
-        // No backend token: calls are open, and Reload alone asks for an admin token.
-        None => auth::BearerAuth::open("retriever"),
-    };
-    Ok((callers, auth::BearerAuth::new("retriever admin", admin_tokens)))
-}
-
 /// Reloads the configured checkpoint on every SIGHUP, until aborted.
 async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reread: RereadConfig, reloader: Arc<Reloader>) {
     while hangup.recv().await.is_some() {
@@ -129,7 +113,13 @@ async fn serve_config(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reread: Option<RereadConfig>,
 ) -> anyhow::Result<()> {
-    let (bearer, admin) = access(&config)?;
+    let (bearer, admin) = auth::model_service_access(
+        "retriever",
+        "retriever admin",
+        config.auth_token.as_deref(),
+        config.auth_token_file.as_deref(),
+        config.admin_tokens_file.as_deref(),
+    )?;
     // TLS files are read before the checkpoint loads, so a bad path stops the start at once.
     let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("retriever.tls")?;
     auth::warn_if_exposed("retriever", listener.local_addr()?, &bearer, tls.is_some());

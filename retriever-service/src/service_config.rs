@@ -133,33 +133,13 @@ impl Section for RetrieverServiceConfig {
     }
 }
 
-/// Longest model label accepted, in bytes.
-pub const MAX_LABEL_LEN: usize = 128;
-
-/// A model label: 1..=128 visible ASCII characters (it becomes a Prometheus label value and is
-/// printed in logs, so no control characters or newlines).
-pub fn check_label(label: &str) -> Result<(), String> {
-    if label.is_empty() || label.len() > MAX_LABEL_LEN {
-        return Err(format!("is {} bytes; a label must be 1..={MAX_LABEL_LEN} bytes", label.len()));
-    }
-    if !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return Err(format!("{label:?} holds a character other than visible ASCII and spaces"));
-    }
-    Ok(())
-}
+pub use llamarec_common::model_label::{check_label, default_label};
 
 impl RetrieverServiceConfig {
     /// The label of the configured checkpoint: `model_label`, else the directory's name.
     pub fn label(&self) -> String {
         self.model_label.clone().unwrap_or_else(|| default_label(&self.checkpoint))
     }
-}
-
-/// A checkpoint directory's name (the path as given when it has none, e.g. `.`), cut to a valid label.
-pub fn default_label(checkpoint: &std::path::Path) -> String {
-    let name = checkpoint.file_name().map_or_else(|| checkpoint.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let label: String = name.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '_' }).take(MAX_LABEL_LEN).collect();
-    if label.is_empty() { "checkpoint".into() } else { label }
 }
 
 #[cfg(test)]
