@@ -20,6 +20,8 @@
 //! - [`queue`]: admission, dynamic batching and the dedicated model thread.
 //! - [`backend`]: batches on the model with the per-user [`history_cache`].
 //! - [`service`]: the `llamarec.v1.Ranker` gRPC service and its error mapping.
+//! - [`model_version`]: the served model's name, content hash and label.
+//! - [`reload`]: hot reload of the adapter over the shared base weights (the Reload RPC, SIGHUP).
 //! - [`server`]: loading, warm-up, health and serving.
 //! - [`metrics`]: Prometheus metric names and the exporter.
 
@@ -35,10 +37,12 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod metrics;
+pub mod model_version;
 pub mod peft;
 pub mod prompt;
 pub mod queue;
 pub mod ranker;
+pub mod reload;
 pub mod sample;
 pub mod server;
 pub mod service;

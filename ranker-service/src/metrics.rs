@@ -30,6 +30,8 @@ pub const CACHE_HITS_TOTAL: &str = "llamarec_ranker_history_cache_hits_total";
 pub const CACHE_MISSES_TOTAL: &str = "llamarec_ranker_history_cache_misses_total";
 /// Bytes held by the history cache.
 pub const CACHE_BYTES: &str = "llamarec_ranker_history_cache_bytes";
+/// The served model: 1 with its `version` and `label`, 0 for one a reload replaced.
+pub const MODEL_INFO: &str = "llamarec_ranker_model_info";
 /// Resident memory of the process (VmRSS).
 pub const RESIDENT_BYTES: &str = "llamarec_ranker_resident_bytes";
 
@@ -75,6 +77,10 @@ pub fn describe() {
         "Requests whose history attention state was computed."
     );
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by the history cache.");
+    describe_gauge!(
+        MODEL_INFO,
+        "The served model (1) with its version and label; 0 for one a reload replaced."
+    );
     describe_gauge!(
         RESIDENT_BYTES,
         Unit::Bytes,

@@ -159,7 +159,8 @@ pub fn load_adapter(
     let config: PeftLoraConfig = serde_json::from_str(&text)
         .map_err(|e| RankerError::InvalidAdapter(format!("{}: {e}", config_path.display())))?;
     config.check()?;
-    let tensors = candle_core::safetensors::load(&weights_path, device)?;
+    let tensors = candle_core::safetensors::load(&weights_path, device)
+        .map_err(|e| RankerError::InvalidAdapter(format!("{}: {e}", weights_path.display())))?;
     let mut adapter = LoraAdapter::new();
     let mut used = std::collections::HashSet::new();
     for layer in 0..cfg.num_layers {
@@ -183,6 +184,16 @@ pub fn load_adapter(
                 )));
             }
             let r = a.dim(0)?;
+            // PEFT builds every pair with the config's rank and refuses a file whose tensors
+            // disagree; the scale would otherwise silently follow the tensors, not the config.
+            if r != config.r {
+                return Err(RankerError::InvalidAdapter(format!(
+                    "layer {layer} {}: lora_A has rank {r}, but {} says r = {} (per-module ranks, PEFT's rank_pattern, are not supported)",
+                    proj.module_path(),
+                    config_path.display(),
+                    config.r
+                )));
+            }
             let pair = crate::lora::LoraPair {
                 a: a.to_dtype(dtype)?,
                 b: b.to_dtype(dtype)?,

@@ -1,6 +1,7 @@
 //! The ranker's scoring entry point: model + prompt + verbalizer + prefix cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RankerError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
+use crate::lora::LoraAdapter;
 use crate::llama::{Kernels, Llama, LoadOptions, Positions, TokenBatch, TokenHead};
 use crate::prompt::{PromptRenderer, PromptTemplate, TokenizedPrompt};
 use crate::tokenizer::Tokenizer;
@@ -77,6 +79,8 @@ pub struct Ranker {
     prefix_cache: KvCache,
     /// Longest prompt [`Ranker::prepare`] accepts.
     max_prompt_tokens: usize,
+    /// The LoRA adapter applied over the base weights in every pass.
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Ranker {
@@ -85,9 +89,8 @@ impl Ranker {
         Self::load_with_adapter(config, None, opts)
     }
 
-    /// Like [`Ranker::load`], with a PEFT LoRA adapter directory merged into the weights
-    /// (which must then be dense: `precision = f32`). Off the CPU the forward pass uses
-    /// candle's generic kernels.
+    /// Like [`Ranker::load`], with a PEFT LoRA adapter directory applied over the base weights.
+    /// Off the CPU the forward pass uses candle's generic kernels.
     pub fn load_with_adapter(
         config: &RankerModelConfig,
         adapter: Option<&Path>,
@@ -131,28 +134,50 @@ impl Ranker {
             (model, tokenizer)
         };
         let mut model = model;
-        let lora = match adapter {
-            Some(dir) => Some(crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())?.0),
-            None => None,
-        };
         if bf16_kernel.is_some() {
-            model.pack_bf16(lora.as_ref())?;
-        } else if let Some(lora) = &lora {
-            model.merge_lora(lora)?;
+            model.pack_bf16(None)?;
         }
         if !model.device().is_cpu() {
             model.set_kernels(Kernels::Generic);
         }
         let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
-        Self::new(model, renderer)
+        let lora = adapter.map(|dir| crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())).transpose()?;
+        Self::assemble(model, renderer, lora.map(|(lora, _)| Arc::new(lora)))
     }
 
     /// Wires a loaded model to a renderer.
     pub fn new(model: Llama, renderer: PromptRenderer) -> Result<Self> {
+        Self::assemble(model, renderer, None)
+    }
+
+    /// The same base model and prompt with `adapter` instead of this ranker's own (None: the
+    /// base alone). The base weights are shared, not copied (their tensors and packed
+    /// projections are reference-counted); only the instruction prefix is run again, since its
+    /// attention state depends on the adapter.
+    pub fn with_adapter(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Self> {
+        let mut ranker = Self::assemble(self.model.clone(), self.renderer.clone(), adapter)?;
+        ranker.max_prompt_tokens = self.max_prompt_tokens;
+        Ok(ranker)
+    }
+
+    /// Reads a PEFT adapter directory and checks that it fits this ranker's base model.
+    pub fn read_adapter(&self, dir: &Path) -> Result<LoraAdapter> {
+        Ok(crate::peft::load_adapter(dir, self.model.config(), self.model.device(), self.model.dtype())?.0)
+    }
+
+    /// The adapter applied over the base weights, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_deref()
+    }
+
+    /// The adapter is applied per token, not merged into the weights: the base stays intact, so
+    /// a hot reload can put another adapter over the same weights in memory (the cost: a rank-r
+    /// product beside each projection, ~1-2% of a forward pass for r = 8; BENCHMARKS.md).
+    fn assemble(model: Llama, renderer: PromptRenderer, adapter: Option<Arc<LoraAdapter>>) -> Result<Self> {
         let verbalizer = Verbalizer::new(&renderer)?;
         let head = model.token_head(verbalizer.token_ids())?;
         let prefix = TokenBatch::left_padded(&[renderer.prefix_ids()], model.device())?;
-        let prefix_cache = model.forward(&prefix, None, None, Positions::Last)?.cache;
+        let prefix_cache = model.forward(&prefix, None, adapter.as_deref(), Positions::Last)?.cache;
         let max_prompt_tokens = model.config().max_seq_len;
         Ok(Self {
             model,
@@ -161,6 +186,7 @@ impl Ranker {
             head,
             prefix_cache,
             max_prompt_tokens,
+            adapter,
         })
     }
 
@@ -240,7 +266,7 @@ impl Ranker {
         let batch = TokenBatch::left_padded(&suffixes, self.model.device())?;
         let out = self
             .model
-            .forward(&batch, Some(&cache), None, Positions::Last)?;
+            .forward(&batch, Some(&cache), self.adapter.as_deref(), Positions::Last)?;
         let logits: Vec<Vec<f32>> = self
             .head
             .logits(&out.last_hidden()?)?

@@ -1,8 +1,7 @@
 //! Builds the ranker service from configuration and serves it.
 
 use std::future::Future;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,14 +10,14 @@ use candle_core::{DType, Device};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::{auth, serving};
 use llamarec_proto::v1::ranker_server::RankerServer;
-use llamarec_proto::v1::ModelVersion;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::backend::RankerBackend;
 use crate::llama::LoadOptions;
 use crate::queue::{BatchLimits, Queue};
+use crate::model_version::BaseDigest;
 use crate::ranker::Ranker;
+use crate::reload::{Configured, Reloader, ServedModel};
 use crate::service::{self, ModelInfo, RankQueue, RankerService};
 use crate::service_config::{DeviceSpec, RankerServiceConfig};
 
@@ -38,8 +37,8 @@ pub fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     }
 }
 
-/// Loads the ranker the section describes: model, tokenizer, template, adapter merged, prompt
-/// limit applied. The CLI's ranker tools load through here too, so they score what the service
+/// Loads the ranker the section describes: model, tokenizer, template, adapter, prompt limit
+/// applied. The CLI's ranker tools load through here too, so they score what the service
 /// scores.
 pub fn load_ranker(config: &RankerServiceConfig, assets: &AssetsConfig) -> anyhow::Result<Ranker> {
     let model = config.model_config(assets);
@@ -56,75 +55,13 @@ pub fn load_ranker(config: &RankerServiceConfig, assets: &AssetsConfig) -> anyho
     Ok(ranker)
 }
 
-/// Name and content hash of the served weights: the model file's name (plus the adapter's
-/// directory name) and the first 12 hex digits of the SHA-256 of the weight files and the
-/// adapter's files.
-pub fn model_version(
-    config: &RankerServiceConfig,
-    assets: &AssetsConfig,
-) -> anyhow::Result<ModelVersion> {
-    let model = config.model_path(assets);
-    let mut files = weight_files(&model)?;
-    let mut name = model
-        .file_name()
-        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
-        .unwrap_or_default();
-    if let Some(adapter) = &config.adapter {
-        files.push(adapter.join(crate::peft::CONFIG_FILE));
-        files.push(adapter.join(crate::peft::WEIGHTS_FILE));
-        name = format!(
-            "{name}+{}",
-            adapter
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
-    }
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for path in files {
-        let mut file =
-            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-        loop {
-            let n = file
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-        }
-    }
-    Ok(ModelVersion {
-        name,
-        version: hex::encode(&hash.finalize()[..6]),
-        // Ranker labels come with the ranker's hot reload (issue 20, next slice).
-        label: String::new(),
-    })
-}
-
-/// The files whose bytes are the model: a GGUF file, or an HF directory's `*.safetensors`.
-fn weight_files(model: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if !model.is_dir() {
-        return Ok(vec![model.to_path_buf()]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(model)
-        .with_context(|| format!("listing {}", model.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// The model, its queue and what Info reports, warmed up with one real request.
+/// The served model's reloader and the queue in front of the model thread, warmed up with one
+/// real request.
 pub struct LoadedRanker {
-    /// The model core, shared with the request handlers (for tokenization).
-    pub ranker: Arc<Ranker>,
+    /// Holds the served model (generation 0: the configured adapter) and swaps in others.
+    pub reloader: Arc<Reloader>,
     /// The queue in front of the model thread.
     pub queue: RankQueue,
-    /// Info's answer.
-    pub info: ModelInfo,
 }
 
 /// Loads the model (on a blocking thread), starts its queue and model thread, and runs one real
@@ -135,12 +72,23 @@ pub async fn load(
 ) -> anyhow::Result<LoadedRanker> {
     let start = Instant::now();
     let (c, a) = (config.clone(), assets.clone());
-    let (ranker, version) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        Ok((load_ranker(&c, &a)?, model_version(&c, &a)?))
+    let (ranker, base) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        Ok((load_ranker(&c, &a)?, BaseDigest::of(&c.model_path(&a))?))
     })
     .await??;
-    let ranker = Arc::new(ranker);
-    let backend = RankerBackend::new(ranker.clone(), config.threads, config.history_cache_bytes)?;
+    let label = config.label();
+    let info = ModelInfo {
+        version: base.version(config.adapter.as_deref(), &label)?,
+        adapter: config
+            .adapter
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        device: config.device.clone(),
+    };
+    let kernels = ranker.model().projection_kernels();
+    let served = ServedModel { ranker: Arc::new(ranker), info, generation: 0 };
+    let backend = RankerBackend::new(config.threads, config.history_cache_bytes)?;
     let limits = BatchLimits {
         max_batch_size: config.max_batch_size,
         max_batch_tokens: config.max_batch_tokens,
@@ -150,33 +98,22 @@ pub async fn load(
     let queue = Queue::start(backend, limits, "ranker-model")?;
     let loaded_ms = start.elapsed().as_millis() as u64;
     let warm = Instant::now();
-    service::warm_up(&ranker, &queue)
+    service::warm_up(&served, &queue)
         .await
         .context("warm-up request")?;
-    let info = ModelInfo {
-        version,
-        adapter: config
-            .adapter
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        device: config.device.clone(),
-    };
     tracing::info!(
-        model = %info.version.name,
-        version = %info.version.version,
+        model = %served.info.version.name,
+        version = %served.info.version.version,
+        label = %served.info.version.label,
         precision = ?config.precision,
-        projection_kernels = ranker.model().projection_kernels(),
+        projection_kernels = kernels,
         load_ms = loaded_ms,
         warm_up_ms = warm.elapsed().as_millis() as u64,
         resident_mb = crate::metrics::resident_bytes().unwrap_or(0) >> 20,
         "ranker loaded and warmed up"
     );
-    Ok(LoadedRanker {
-        ranker,
-        queue,
-        info,
-    })
+    let configured = Configured { adapter: config.adapter.clone(), label };
+    Ok(LoadedRanker { reloader: Arc::new(Reloader::new(served, base, configured)), queue })
 }
 
 /// Binds the configured address and serves until SIGTERM or Ctrl-C (the binary and `llamarec
@@ -194,17 +131,60 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = layers.section::<RankerServiceConfig>()?;
-    run_with(config, layers.section::<AssetsConfig>()?, listener, shutdown).await
+    let file = layers.file().map(Path::to_path_buf);
+    let reread: RereadConfig = Box::new(move || Ok(ConfigLayers::load(file.as_deref())?.section::<RankerServiceConfig>()?));
+    serve_config(config, layers.section::<AssetsConfig>()?, listener, shutdown, Some(reread)).await
 }
 
-/// [`run`] with the sections already read (benchmarks and tests adjust them first).
+/// Reads the `[ranker]` section again (for SIGHUP).
+type RereadConfig = Box<dyn Fn() -> anyhow::Result<RankerServiceConfig> + Send + Sync>;
+
+/// [`run`] with the sections already read (benchmarks and tests adjust them first); no SIGHUP
+/// reload.
 pub async fn run_with(
     config: RankerServiceConfig,
     assets: AssetsConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let bearer = auth::shared_token_auth("ranker", "ranker", config.auth_token.as_deref(), config.auth_token_file.as_deref())?;
+    serve_config(config, assets, listener, shutdown, None).await
+}
+
+/// Reloads the configured adapter and label on every SIGHUP, until aborted.
+async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reread: RereadConfig, reloader: Arc<Reloader>) {
+    while hangup.recv().await.is_some() {
+        let config = match reread() {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "SIGHUP: the configuration could not be re-read; the current model keeps serving");
+                continue;
+            }
+        };
+        tracing::info!(
+            adapter = %config.adapter.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+            "SIGHUP: reloading the configured adapter (keys other than adapter and model_label apply at the next restart)"
+        );
+        let configured = Configured { adapter: config.adapter.clone(), label: config.label() };
+        if let Err(e) = reloader.reload_configured(configured).await {
+            tracing::warn!(error = %e, "SIGHUP: reload refused");
+        }
+    }
+}
+
+async fn serve_config(
+    config: RankerServiceConfig,
+    assets: AssetsConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reread: Option<RereadConfig>,
+) -> anyhow::Result<()> {
+    let (bearer, admin) = auth::model_service_access(
+        "ranker",
+        "ranker admin",
+        config.auth_token.as_deref(),
+        config.auth_token_file.as_deref(),
+        config.admin_tokens_file.as_deref(),
+    )?;
     // TLS files are read before the model loads, so a bad path stops the start at once.
     let tls = config.tls.as_ref().map(|t| t.server_config()).transpose().context("ranker.tls")?;
     auth::warn_if_exposed("ranker", listener.local_addr()?, &bearer, tls.is_some());
@@ -219,9 +199,18 @@ pub async fn run_with(
     }
     tokio::spawn(crate::metrics::report_resident_memory(MEMORY_REPORT_PERIOD));
     let loaded = load(&config, &assets).await?;
-    let version = loaded.info.version.clone();
-    let limits = service::RequestLimits::new(&config, loaded.ranker.renderer().template().letters.len());
-    let service = RankerService::new(loaded.ranker, loaded.queue, loaded.info, health.clone()).with_limits(limits);
+    let version = loaded.reloader.slot().load().info.version.clone();
+    let letters = loaded.reloader.slot().load().ranker.renderer().template().letters.len();
+    let limits = service::RequestLimits::new(&config, letters);
+    // Registered before SERVING: from then on SIGHUP reloads instead of ending the process.
+    let sighup = match reread {
+        Some(reread) => {
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
+            Some(tokio::spawn(reload_on_sighup(hangup, reread, loaded.reloader.clone())))
+        }
+        None => None,
+    };
+    let service = RankerService::new(loaded.reloader, admin.clone(), loaded.queue, health.clone()).with_limits(limits);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("ranker.tls")?;
@@ -235,12 +224,18 @@ pub async fn run_with(
         listen = %listener.local_addr()?,
         tls = config.tls.is_some(),
         bearer_auth = bearer.is_enabled(),
+        reload = admin.is_enabled(),
         model = %version.name,
         version = %version.version,
+        label = %version.label,
         template = %config.template,
         device = %config.device,
         "ranker serving"
     );
-    serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await?;
+    let served = serving::serve_until(router, listener, health, Duration::from_millis(config.shutdown_grace_ms), shutdown).await;
+    if let Some(task) = sighup {
+        task.abort();
+    }
+    served?;
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! The `llamarec.v1.Ranker` gRPC service: admission, tokenization off the runtime, the queue,
-//! health on model failure; its errors become status codes in [`crate::error`].
+//! health on model failure, the admin Reload; its errors become status codes in
+//! [`crate::error`].
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llamarec_common::auth::BearerAuth;
 use llamarec_common::request_id::request_id_of;
 use llamarec_proto::v1::ranker_server::{self, RankerServer};
 use llamarec_proto::v1::{
-    CandidateScore, InfoRequest, ModelVersion, RankRequest, RankResponse, RankerInfo,
+    CandidateScore, InfoRequest, ModelVersion, RankRequest, RankResponse, RankerInfo, RankerReloadRequest,
+    RankerReloadResponse,
 };
 use tonic::{Code, Request, Response, Status};
 use tonic_health::server::HealthReporter;
@@ -16,10 +20,10 @@ use tonic_health::ServingStatus;
 use tracing::instrument;
 
 use crate::backend::{RankJob, RankOutput};
-use crate::error::RankerError;
+use crate::error::{RankerError, ReloadError};
 use crate::metrics as m;
 use crate::queue::{Completed, Queue, QueueError};
-use crate::ranker::Ranker;
+use crate::reload::{AdapterChoice, ModelSlot, Reloader, ServedModel};
 
 /// A Rank call's errors, defined and mapped to status codes in [`crate::error`].
 pub use crate::error::ServiceError;
@@ -30,7 +34,10 @@ const RECHECK_AFTER: Duration = Duration::from_secs(2);
 /// The queue of prepared requests in front of the model thread.
 pub type RankQueue = Queue<RankJob, RankOutput>;
 
-/// What Info answers, fixed at load time.
+/// Longest adapter path a Reload may name, in bytes.
+const MAX_ADAPTER_PATH_LEN: usize = 4096;
+
+/// What Info answers about one served model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     /// Base weights plus adapter.
@@ -92,28 +99,29 @@ pub fn validate_request(req: &RankRequest, limits: &RequestLimits) -> Result<(),
 
 /// The service's state, shared by all requests.
 pub struct RankerService {
-    ranker: Arc<Ranker>,
+    /// The served model. A request loads it once and keeps that `Arc` to its answer, so a
+    /// reload never mixes two adapters in one request.
+    model: Arc<ModelSlot>,
+    reloader: Arc<Reloader>,
+    /// Who may call Reload; disabled (no admin tokens) means Reload is refused.
+    admin: BearerAuth,
     queue: RankQueue,
-    info: ModelInfo,
     health: HealthReporter,
     rechecking: Arc<AtomicBool>,
     limits: RequestLimits,
 }
 
 impl RankerService {
-    /// Wires the service around a loaded ranker and its running queue.
-    pub fn new(
-        ranker: Arc<Ranker>,
-        queue: RankQueue,
-        info: ModelInfo,
-        health: HealthReporter,
-    ) -> Self {
-        let letters = ranker.renderer().template().letters.len();
+    /// Wires the service around the model slot its reloader swaps and the running queue.
+    pub fn new(reloader: Arc<Reloader>, admin: BearerAuth, queue: RankQueue, health: HealthReporter) -> Self {
+        let model = reloader.slot();
+        let letters = model.load().ranker.renderer().template().letters.len();
         let limits = RequestLimits { max_title_bytes: 1024, max_history_titles: 100, max_candidates: letters };
         Self {
-            ranker,
+            model,
+            reloader,
+            admin,
             queue,
-            info,
             health,
             rechecking: Arc::new(AtomicBool::new(false)),
             limits,
@@ -129,11 +137,13 @@ impl RankerService {
     async fn rank_inner(&self, req: RankRequest) -> Result<RankResponse, ServiceError> {
         validate_request(&req, &self.limits)?;
         let place = self.queue.reserve()?;
-        let ranker = self.ranker.clone();
+        let served = self.model.load_full();
+        tracing::Span::current().record("model_version", served.info.version.version.as_str());
+        let (ranker, generation) = (served.ranker.clone(), served.generation);
         let (job, tokenize) = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let prepared = ranker.prepare(&req.history_titles, &req.candidate_titles);
-            (prepared.map(RankJob::new), start.elapsed())
+            (prepared.map(|p| RankJob::new(p, ranker, generation)), start.elapsed())
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("tokenizer task: {e}")))?;
@@ -144,31 +154,7 @@ impl RankerService {
         if let Err(QueueError::Backend(_)) = &done {
             self.model_failed();
         }
-        Ok(self.response(done?))
-    }
-
-    fn response(&self, done: Completed<RankOutput>) -> RankResponse {
-        let letters = &self.ranker.renderer().template().letters;
-        let out = done.output;
-        let scores = out
-            .logits
-            .iter()
-            .zip(&out.probabilities)
-            .zip(letters)
-            .map(|((&logit, &probability), letter)| CandidateScore {
-                letter: letter.clone(),
-                logit,
-                probability,
-            })
-            .collect();
-        RankResponse {
-            scores,
-            model: Some(self.info.version.clone()),
-            prompt_tokens: out.prompt_tokens as u32,
-            cached_tokens: out.cached_tokens as u32,
-            queue_us: done.queue_time.as_micros() as u64,
-            compute_us: done.compute_time.as_micros() as u64,
-        }
+        Ok(response(&served, done?))
     }
 
     /// Marks the service NOT_SERVING and re-checks the model with a real request until it
@@ -179,16 +165,16 @@ impl RankerService {
         if self.rechecking.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (queue, ranker, health, rechecking) = (
+        let (queue, model, health, rechecking) = (
             self.queue.clone(),
-            self.ranker.clone(),
+            self.model.clone(),
             self.health.clone(),
             self.rechecking.clone(),
         );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RECHECK_AFTER).await;
-                match warm_up(&ranker, &queue).await {
+                match warm_up(&model.load_full(), &queue).await {
                     Ok(()) => {
                         tracing::info!("model answers again: SERVING");
                         set_serving(&health, true).await;
@@ -218,10 +204,10 @@ pub async fn set_serving(health: &HealthReporter, serving: bool) {
         .await;
 }
 
-/// One real request through the queue and the model: the fixed MovieLens sample.
-pub async fn warm_up(ranker: &Arc<Ranker>, queue: &RankQueue) -> Result<(), ServiceError> {
+/// One real request through the queue and the served model: the fixed MovieLens sample.
+pub async fn warm_up(served: &ServedModel, queue: &RankQueue) -> Result<(), ServiceError> {
     let (history, candidates) = crate::sample::movielens_request();
-    let job = RankJob::new(ranker.prepare(&history, &candidates)?);
+    let job = RankJob::new(served.ranker.prepare(&history, &candidates)?, served.ranker.clone(), served.generation);
     let tokens = job.max_tokens();
     let done = queue.reserve()?.submit(job, tokens).await?;
     let p: f32 = done.output.probabilities.iter().sum();
@@ -236,7 +222,7 @@ pub async fn warm_up(ranker: &Arc<Ranker>, queue: &RankQueue) -> Result<(), Serv
 
 #[tonic::async_trait]
 impl ranker_server::Ranker for RankerService {
-    #[instrument(skip_all, fields(request_id))]
+    #[instrument(skip_all, fields(request_id, model_version))]
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
         let start = Instant::now();
         tracing::Span::current().record("request_id", request_id_of(&request));
@@ -260,16 +246,83 @@ impl ranker_server::Ranker for RankerService {
     #[instrument(skip_all, fields(request_id))]
     async fn info(&self, request: Request<InfoRequest>) -> Result<Response<RankerInfo>, Status> {
         tracing::Span::current().record("request_id", request_id_of(&request));
-        let template = self.ranker.renderer().template();
+        let served = self.model.load_full();
+        let template = served.ranker.renderer().template();
         Ok(Response::new(RankerInfo {
-            model: Some(self.info.version.clone()),
-            adapter: self.info.adapter.clone(),
+            model: Some(served.info.version.clone()),
+            adapter: served.info.adapter.clone(),
             template: template.name.clone(),
-            device: self.info.device.clone(),
+            device: served.info.device.clone(),
             max_candidates: template.letters.len() as u32,
             max_history: template.max_history as u32,
-            context_length: self.ranker.max_prompt_tokens() as u32,
-            projection_kernels: self.ranker.model().projection_kernels().to_string(),
+            context_length: served.ranker.max_prompt_tokens() as u32,
+            projection_kernels: served.ranker.model().projection_kernels().to_string(),
         }))
+    }
+
+    #[instrument(skip_all, fields(request_id))]
+    async fn reload(&self, request: Request<RankerReloadRequest>) -> Result<Response<RankerReloadResponse>, Status> {
+        tracing::Span::current().record("request_id", request_id_of(&request));
+        let result = self.reload_checked(request).await;
+        if let Err(status) = &result {
+            tracing::warn!(code = ?status.code(), message = status.message(), "reload refused");
+        }
+        result.map(Response::new)
+    }
+}
+
+impl RankerService {
+    /// Reload behind the admin check: refused outright when no admin token is configured
+    /// (secure default: an unconfigured ranker cannot be made to load files).
+    async fn reload_checked(&self, request: Request<RankerReloadRequest>) -> Result<RankerReloadResponse, Status> {
+        if !self.admin.is_enabled() {
+            return Err(ReloadError::Disabled.into());
+        }
+        self.admin.check(request.metadata())?;
+        let req = request.into_inner();
+        if req.adapter.len() > MAX_ADAPTER_PATH_LEN {
+            return Err(ReloadError::InvalidArgument(format!("adapter is {} bytes; the limit is {MAX_ADAPTER_PATH_LEN}", req.adapter.len())).into());
+        }
+        let choice = match (req.base_only, req.adapter.is_empty()) {
+            (true, false) => {
+                return Err(ReloadError::InvalidArgument("adapter must be empty when base_only is set (base_only serves the base model without any adapter)".into()).into())
+            }
+            (true, true) => AdapterChoice::BaseOnly,
+            (false, true) => AdapterChoice::Configured,
+            (false, false) => AdapterChoice::Dir(PathBuf::from(&req.adapter)),
+        };
+        let label = (!req.label.is_empty()).then_some(req.label);
+        let reloaded = self.reloader.reload(choice, label).await?;
+        Ok(RankerReloadResponse {
+            previous: Some(reloaded.previous),
+            current: Some(reloaded.current),
+            adapter: reloaded.adapter.map(|p| p.display().to_string()).unwrap_or_default(),
+            load_ms: reloaded.load.as_millis() as u64,
+        })
+    }
+}
+
+/// A Rank answer from the model that computed it.
+fn response(served: &ServedModel, done: Completed<RankOutput>) -> RankResponse {
+    let letters = &served.ranker.renderer().template().letters;
+    let out = done.output;
+    let scores = out
+        .logits
+        .iter()
+        .zip(&out.probabilities)
+        .zip(letters)
+        .map(|((&logit, &probability), letter)| CandidateScore {
+            letter: letter.clone(),
+            logit,
+            probability,
+        })
+        .collect();
+    RankResponse {
+        scores,
+        model: Some(served.info.version.clone()),
+        prompt_tokens: out.prompt_tokens as u32,
+        cached_tokens: out.cached_tokens as u32,
+        queue_us: done.queue_time.as_micros() as u64,
+        compute_us: done.compute_time.as_micros() as u64,
     }
 }

@@ -25,8 +25,17 @@ pub struct RankerServiceConfig {
     /// the HF directory's file.
     pub tokenizer: Option<PathBuf>,
     /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`),
-    /// merged into the weights at load; relative to the working directory.
+    /// applied over the base weights; relative to the working directory. SIGHUP or the Reload
+    /// RPC replaces it without a restart.
     pub adapter: Option<PathBuf>,
+    /// Human label of the served model, reported beside its content hash in Info, every Rank
+    /// answer and the `llamarec_ranker_model_info` metric. Default: the adapter directory's
+    /// name, "base" without an adapter.
+    pub model_label: Option<String>,
+    /// A file of admin tokens (one per line, `#` comments), any of which may call the Reload
+    /// RPC. None: Reload is refused (PERMISSION_DENIED). An admin token also passes the
+    /// `auth_token` check of the other RPCs.
+    pub admin_tokens_file: Option<PathBuf>,
     /// Prompt template: "alpaca" (the paper's) or "chatml".
     pub template: String,
     /// How quantized GGUF weights are held: "f32" (dequantized at load; fast on CPU) or
@@ -45,7 +54,8 @@ pub struct RankerServiceConfig {
     pub max_batch_wait_ms: u64,
     /// Requests queued or computing at once; the next one is refused with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
-    /// Bytes of per-user history attention state kept for returning users (LRU); 0 disables it.
+    /// Bytes of per-user history attention state kept for returning users (quick_cache; an
+    /// entry over half of it is not cached); 0 disables it.
     pub history_cache_bytes: usize,
     /// Longest prompt accepted, in tokens; default: the model's context length.
     pub max_prompt_tokens: Option<usize>,
@@ -84,6 +94,8 @@ impl Default for RankerServiceConfig {
             model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
             tokenizer: None,
             adapter: None,
+            model_label: None,
+            admin_tokens_file: None,
             template: "alpaca".into(),
             precision: WeightPrecision::F32,
             device: "cpu".into(),
@@ -150,6 +162,12 @@ impl RankerServiceConfig {
         }
     }
 
+    /// The label of the configured model: `model_label`, else the adapter directory's name
+    /// ("base" without one).
+    pub fn label(&self) -> String {
+        self.model_label.clone().unwrap_or_else(|| crate::model_version::default_label(self.adapter.as_deref()))
+    }
+
     /// The parsed `device`.
     pub fn device_spec(&self) -> DeviceSpec {
         DeviceSpec::parse(&self.device).expect("validated device")
@@ -190,6 +208,9 @@ impl RankerServiceConfig {
     /// CUDA image), where the build that checks is not the one that serves.
     pub fn validate_settings(&self) -> Result<(), (String, String)> {
         let err = |key: &str, reason: String| Err((key.to_string(), reason));
+        if let Some(label) = &self.model_label {
+            llamarec_common::model_label::check_label(label).map_err(|e| ("model_label".to_string(), e))?;
+        }
         if PromptTemplate::builtin(&self.template).is_none() {
             return err(
                 "template",
