@@ -300,3 +300,36 @@ async fn the_canary_arm_is_ranked_by_its_pods_with_its_weight() {
     assert_eq!((ranked.name.as_str(), ranked.version.as_str()), (ranker_version.name.as_str(), ranker_version.version.as_str()));
     assert!(outcomes[1].ranker_model.is_none() && outcomes[2].ranker_model.is_none());
 }
+
+/// With caller tokens on (`[gateway.auth]`), an admin token also passes the callers' check (one
+/// `authorization` header carries one token), so an operator needs only it; a caller's token
+/// does not open the admin RPCs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_passes_the_caller_check_and_a_caller_token_is_no_admin() {
+    const CALLER_TOKEN: &str = "caller-token-for-canary-tests";
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = Addrs::new();
+    let dead_ranker = DelayProxy::start(&format!("127.0.0.1:{}", free_port()), Duration::ZERO).await;
+    let traffic = dir.path().join("traffic.jsonl");
+    let keys = format!("{}auth = {{ tokens = [\"{CALLER_TOKEN}\"] }}\n", gateway_keys(dir.path(), 0.5, 0.0, &dead_ranker.addr, &traffic));
+    let extra = Extra { log_level: Some("warn"), gateway: &keys, ranker_weight: Some(0.0), ..Default::default() };
+    let config = setup::write_config(dir.path(), &addrs, &[&dead_ranker.addr], &Store::Embedded, &extra);
+    let _retriever = setup::start("retriever", &config);
+    let _gateway = setup::start("gateway", &config);
+    for addr in [&addrs.retriever, &addrs.gateway] {
+        wait_serving(addr, PATIENCE).await.unwrap();
+    }
+    let mut c = client(&addrs.gateway).await;
+    let recommend_with = |token: Option<&str>| authorized(RecommendRequest { user_id: "42".into(), k: 3, ..Default::default() }, token);
+
+    assert_eq!(c.recommend(recommend_with(None)).await.unwrap_err().code(), Code::Unauthenticated, "callers need a token");
+    assert_eq!(c.recommend(recommend_with(Some(CALLER_TOKEN))).await.unwrap().into_inner().items.len(), 3);
+    assert_eq!(c.recommend(recommend_with(Some(ADMIN_TOKEN))).await.unwrap().into_inner().items.len(), 3, "an admin token is a caller too");
+
+    let status = get_split(&mut c, Some(CALLER_TOKEN)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "a caller token is no admin token: {status:?}");
+    assert!(status.message().contains("gateway admin"), "{status:?}");
+    assert_eq!(get_split(&mut c, Some(ADMIN_TOKEN)).await.unwrap().fraction, 0.5);
+    let (before, after) = set_split(&mut c, Some(0.25), Some(0.75)).await.unwrap();
+    assert_eq!((before.fraction, before.canary_ranker_weight, after.fraction, after.canary_ranker_weight), (0.5, 0.0, 0.25, 0.75));
+}
