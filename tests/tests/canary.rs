@@ -211,6 +211,18 @@ async fn the_split_is_sticky_settable_at_run_time_and_guarded() {
         assert!(row["hits"].as_u64().unwrap() >= 1, "{arm}: {row}");
     }
 
+    // The canary degrades like the stable arm: its pods unreachable (the dead proxy) at a canary
+    // weight above 0, its users get the retriever's order, flagged, counted under its arm.
+    set_split(&mut c, Some(1.0), Some(0.5)).await.unwrap();
+    let d = recommend(&mut c, "42", 5, &[]).await;
+    assert_eq!(d.arm, "canary");
+    assert!(d.degraded && d.degraded_reason != 0 && d.ranker_model.is_none() && d.items.len() == 5, "{d:?}");
+    assert_eq!(d.items.iter().map(|i| i.retriever_rank).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "the retriever's order");
+    let page = setup::scrape(addrs.gateway_metrics);
+    let degraded: Vec<&str> = page.lines().filter(|l| l.starts_with("llamarec_gateway_degraded_total{")).collect();
+    assert!(degraded.len() == 1 && degraded[0].contains("arm=\"canary\"") && degraded[0].ends_with(" 1"), "{degraded:?}");
+    set_split(&mut c, Some(0.3), Some(0.0)).await.unwrap();
+
     // A gateway without admin tokens refuses the admin RPCs outright, whatever the token.
     let other_dir = tempfile::tempdir().unwrap();
     let mut other = Addrs::new();
