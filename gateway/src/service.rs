@@ -185,6 +185,7 @@ impl<S: HistoryStore> GatewayService<S> {
         };
         let retrieve_time = t.elapsed();
         self.stages.retrieve.record(retrieve_time.as_secs_f64());
+        tracing::Span::current().record("retriever_version", retriever_model.version.as_str());
 
         let candidates = &retrieved[..n.min(retrieved.len())];
         // At weight 0 the ranker's scores cannot change the order: it is not called, and nothing
@@ -197,7 +198,10 @@ impl<S: HistoryStore> GatewayService<S> {
             let rank_time = t.elapsed();
             self.stages.rank.record(rank_time.as_secs_f64());
             match result {
-                Ok((ranked, model)) => (ranked, Some(model), None, rank_time),
+                Ok((ranked, model)) => {
+                    tracing::Span::current().record("ranker_version", model.version.as_str());
+                    (ranked, Some(model), None, rank_time)
+                }
                 Err(d) => (Vec::new(), None, Some(d), rank_time),
             }
         } else {
@@ -299,7 +303,7 @@ impl ArmMetrics {
 
 #[tonic::async_trait]
 impl<S: HistoryStore> Gateway for GatewayService<S> {
-    #[instrument(skip_all, fields(request_id, user_id, arm))]
+    #[instrument(skip_all, fields(request_id, user_id, arm, retriever_version, ranker_version))]
     async fn recommend(&self, request: Request<RecommendRequest>) -> Result<Response<RecommendResponse>, Status> {
         let start = Instant::now();
         // As offered, before admission; written once the request ends, with its outcome.

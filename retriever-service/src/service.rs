@@ -128,6 +128,7 @@ impl RetrieverService {
         // The one load of the model for this request: validation, compute and the answer's
         // catalog and version all come from it, whatever a reload swaps in meanwhile.
         let model = self.model.load_full();
+        tracing::Span::current().record("model_version", model.info.version.version.as_str());
         let history = self.validate(&model, &mut req)?;
         let (k, exclude, indices_only) = (req.k as usize, req.exclude_history, req.indices_only);
         let start = Instant::now();
@@ -208,7 +209,7 @@ fn record(method: &'static str, start: Instant, status: Code) {
 
 #[tonic::async_trait]
 impl retriever_server::Retriever for RetrieverService {
-    #[instrument(skip_all, fields(request_id, k, history_len))]
+    #[instrument(skip_all, fields(request_id, k, history_len, model_version))]
     async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
         let start = Instant::now();
         let request_id = request_id_of(&request);
