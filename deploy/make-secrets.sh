@@ -5,9 +5,10 @@
 #                     ([gateway] backend_token_file, [retriever]/[ranker] auth_token_file)
 #   client-tokens     tokens callers send to the gateway, one per line ([gateway.auth] tokens_file)
 #   redis-password    Redis `requirepass` ([gateway.store] password_file)
-#   admin-tokens      operators' tokens for the retriever's Reload RPC, one per line
-#                     ([retriever] admin_tokens_file; mounted into the retriever only, never the
-#                     gateway, so a gateway compromise cannot swap models)
+#   admin-tokens      operators' tokens for the Reload RPCs of the retriever and the rankers, one
+#                     per line ([retriever]/[ranker] admin_tokens_file; mounted into those model
+#                     services only, never the gateway or Redis, so a gateway compromise cannot
+#                     swap models)
 #   ca.crt            a private CA (ca.key beside it stays here: it is not mounted anywhere)
 #   backend.crt/.key  the retriever's and the rankers' certificate, for the names the gateway
 #                     dials (`retriever`, `ranker`) and `localhost` (the containers' own

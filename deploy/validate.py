@@ -241,10 +241,25 @@ SECRET_FILES = {
     ],
     "ranker": [
         (("ranker", "auth_token_file"), "the backend token it requires"),
+        (("ranker", "admin_tokens_file"), "the operators' Reload tokens"),
         (("ranker", "tls", "cert"), "its TLS certificate"),
         (("ranker", "tls", "key"), "its TLS key"),
     ],
 }
+# The model services: each has a Reload RPC (`llamarec reload retriever|ranker`) that swaps the
+# model it serves, allowed only with a token from its [<service>] admin_tokens_file. Those are the
+# operators' tokens: only a container that runs a model service may hold them, never the gateway
+# (a compromise of the service callers reach must not swap models), Redis or an init container.
+MODEL_SERVICES = ("retriever", "ranker")
+# Images that run a model service: the last path component, without tag or digest (a registry
+# prefix set with `kustomize edit set image` keeps it).
+MODEL_IMAGES = {"retriever", "ranker", "ranker-cuda"}
+
+
+def runs_model_service(image: object) -> bool:
+    return re.split(r"[:@]", str(image or "").rsplit("/", 1)[-1])[0] in MODEL_IMAGES
+
+
 # Secrets written into the config itself (a ConfigMap, an image layer) instead of a file.
 INLINE_SECRETS = [("gateway", "backend_token"), ("gateway", "auth", "tokens"), ("retriever", "auth_token"), ("ranker", "auth_token")]
 
@@ -270,9 +285,11 @@ def check_config_security(cfg: dict, where: str) -> list[tuple[str, str, str]]:
         listen = cfg.get(section, {}).get("listen", "127.0.0.1:0")
         if not host_port(listen)[0] in ("127.0.0.1", "localhost", "[::1]") and not cfg[section].get("tls"):
             fail(f"{where}: [{section}] listens on {listen} without [{section}.tls]: the backend token would cross the network in clear")
-    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
-    if admin and admin in (lookup(cfg, ("retriever", "auth_token_file")), lookup(cfg, ("gateway", "backend_token_file"))):
-        fail(f"{where}: [retriever] admin_tokens_file is the backend token's file: whoever holds the gateway's token could swap models")
+    backend_files = {str(f) for f in [lookup(cfg, ("gateway", "backend_token_file"))] + [lookup(cfg, (s, "auth_token_file")) for s in MODEL_SERVICES] if f}
+    for service in MODEL_SERVICES:
+        admin = lookup(cfg, (service, "admin_tokens_file"))
+        if admin and str(admin) in backend_files:
+            fail(f"{where}: [{service}] admin_tokens_file is the backend token's file: whoever holds the gateway's token could swap models")
     needed = []
     for service, items in SECRET_FILES.items():
         if service not in cfg:
@@ -306,6 +323,21 @@ def secret_files(spec: dict, container: dict) -> dict[str, str]:
     return files
 
 
+def secrets_held(spec: dict, container: dict) -> set[str]:
+    """Every Secret the container can read: mounted (whole or some keys, plain or projected) or
+    in its environment."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    held = set()
+    for m in container.get("volumeMounts", []):
+        vol = volumes.get(m["name"], {})
+        if "secret" in vol:
+            held.add(vol["secret"].get("secretName"))
+        held.update(src["secret"].get("name") for src in vol.get("projected", {}).get("sources", []) if "secret" in src)
+    held.update(e["valueFrom"]["secretKeyRef"].get("name") for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {}))
+    held.update(e["secretRef"].get("name") for e in container.get("envFrom", []) if "secretRef" in e)
+    return held
+
+
 def peers_select_only(rule: dict, allowed: list[dict], deployments: dict) -> bool:
     """Every peer of an ingress rule is a same-namespace podSelector matching only `allowed`."""
     peers = rule.get("from")
@@ -331,15 +363,22 @@ def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
         files = secret_files(pod_spec(d), pod_spec(d)["containers"][0])
         if path not in files:
             fail(f"{source}: {kn(d)} does not mount {path} ({what}) from a Secret")
-    # The Reload RPC's admin tokens: mounted into the retriever only.
-    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
-    admin_secret = None
-    if admin and "retriever" in deployments:
-        r = deployments["retriever"]
-        admin_secret = secret_files(pod_spec(r), pod_spec(r)["containers"][0]).get(str(admin))
-    for name, d in deployments.items():
-        if name != "retriever" and admin_secret and admin_secret in secret_files(pod_spec(d), pod_spec(d)["containers"][0]).values():
-            fail(f"{source}: {kn(d)} mounts the retriever's admin tokens (Secret {admin_secret}): only the retriever may")
+    # The Reload RPCs' admin tokens: the Secrets behind the model services' admin_tokens_file,
+    # held by containers that run a model service only (a ranker-canary copy of the ranker may).
+    # Compared by Secret, not by key: a Secret of which another pod mounts any key (say the
+    # backend token's Secret, were the admin tokens a key of it) is not the admin tokens' own.
+    admin_secrets: dict[str, str] = {}
+    for service in MODEL_SERVICES:
+        admin, d = lookup(cfg, (service, "admin_tokens_file")), deployments.get(service)
+        secret = secret_files(pod_spec(d), pod_spec(d)["containers"][0]).get(str(admin)) if admin and d else None
+        if secret:
+            admin_secrets.setdefault(secret, f"[{service}] admin_tokens_file")
+    for d in deployments.values():
+        spec = pod_spec(d)
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for secret in sorted(secrets_held(spec, c) & admin_secrets.keys()):
+                if not runs_model_service(c.get("image")):
+                    fail(f"{source}: {kn(d)} container {c['name']} ({c.get('image')}) can read the Reload admin tokens (Secret {secret}, {admin_secrets[secret]}): only the model services (retriever, ranker) may")
     # Redis: requirepass from a Secret, the same one the gateway reads.
     redis = deployments.get("redis")
     if redis is not None:
@@ -480,11 +519,19 @@ def check_compose_security(doc: dict, services: dict, base: pathlib.Path, path: 
     for service, file, what in check_config_security(cfg, f"{path}: {cfg_path}"):
         if service in services and file not in mounted.get(service, {}):
             fail(f"{path}: service {service} does not mount {file} ({what}) as a secret")
-    admin = lookup(cfg, ("retriever", "admin_tokens_file"))
-    admin_src = mounted.get("retriever", {}).get(str(admin)) if admin else None
+    # As in Kubernetes: the secrets behind the model services' admin_tokens_file, in services that
+    # run a model service only.
+    admin_secrets: dict[str, str] = {}
+    for service in MODEL_SERVICES:
+        admin = lookup(cfg, (service, "admin_tokens_file"))
+        src = mounted.get(service, {}).get(str(admin)) if admin else None
+        if src:
+            admin_secrets.setdefault(src, f"[{service}] admin_tokens_file")
     for name, files in mounted.items():
-        if name != "retriever" and admin_src and admin_src in files.values():
-            fail(f"{path}: service {name} mounts the retriever's admin tokens ({admin_src}): only the retriever may")
+        image = services[name].get("image") or pathlib.Path((services[name].get("build") or {}).get("dockerfile", "")).name.removesuffix(".Dockerfile")
+        for src in sorted(set(files.values()) & admin_secrets.keys()):
+            if not runs_model_service(image):
+                fail(f"{path}: service {name} ({image}) mounts the Reload admin tokens ({src}, {admin_secrets[src]}): only the model services (retriever, ranker) may")
     if "redis" in services:
         script = " ".join(str(a) for a in (services["redis"].get("command") or []))
         m = re.search(r"requirepass\s+\S*\$\$?\(cat\s+([^)\s]+)\)", script)
@@ -592,7 +639,7 @@ def main() -> int:
     print("deploy/validate: deploy/docker/*.Dockerfile checked (shared builder block, COPY sources, HEALTHCHECK TLS)")
     # The image's own config (a bare `docker run`) is secure by default too.
     check_config_security(tomllib.loads((ROOT / "deploy/docker/llamarec.toml").read_text()), "deploy/docker/llamarec.toml")
-    print("deploy/validate: secure by default: NetworkPolicies, backend tokens and TLS from Secrets, Redis password, loopback-only compose ports")
+    print("deploy/validate: secure by default: NetworkPolicies, backend tokens and TLS from Secrets, Reload admin tokens in the model services only, Redis password, loopback-only compose ports")
 
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
