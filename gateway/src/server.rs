@@ -75,20 +75,19 @@ fn seed_histories(dataset: &Dataset) -> Vec<(String, Vec<StoredEvent>)> {
 /// pass, since one `authorization` header carries one token) and the admin RPCs' (admin tokens
 /// only; none configured: the admin RPCs are refused).
 fn access(config: &GatewayConfig) -> anyhow::Result<(auth::BearerAuth, auth::BearerAuth)> {
-    let callers = config.auth.build("gateway").context("gateway.auth")?;
+    let mut tokens = config.auth.tokens.clone();
+    if let Some(path) = &config.auth.tokens_file {
+        tokens.extend(auth::read_tokens_file(path).context("gateway.auth")?);
+    }
     let admin_tokens = match &config.admin_tokens_file {
         Some(path) => auth::read_tokens_file(path).context("gateway.admin_tokens_file")?,
         None => Vec::new(),
     };
-    let callers = if callers.is_enabled() && !admin_tokens.is_empty() {
-        let mut tokens = config.auth.tokens.clone();
-        if let Some(path) = &config.auth.tokens_file {
-            tokens.extend(auth::read_tokens_file(path).context("gateway.auth")?);
-        }
+    let callers = if tokens.iter().any(|t| !t.is_empty()) {
         auth::BearerAuth::new("gateway", tokens.into_iter().chain(admin_tokens.iter().cloned()))
     } else {
         // No caller tokens: calls are open, and the admin RPCs alone ask for an admin token.
-        callers
+        auth::BearerAuth::open("gateway")
     };
     Ok((callers, auth::BearerAuth::new("gateway admin", admin_tokens)))
 }
