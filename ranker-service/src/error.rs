@@ -1,5 +1,6 @@
 //! The ranker's errors: the library's own ([`RankerError`]) and the service's (a Rank call's
-//! [`ServiceError`], a Reload's [`ReloadError`]), with the one mapping of the service's errors
+//! [`ServiceError`], a Reload's [`ReloadError`], shared with the other model service and mapped in
+//! `llamarec_common::reload`), with the one mapping of the service's errors
 //! to gRPC status codes.
 
 use std::path::PathBuf;
@@ -130,40 +131,7 @@ impl From<QueueError> for ServiceError {
     }
 }
 
-/// Why a Reload was refused; the served model is unchanged in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// No admin token is configured: Reload is refused outright (an unconfigured ranker cannot
-    /// be made to load files).
-    #[error(
-        "Reload is disabled on this ranker: no admin tokens are configured; set `[ranker] \
-         admin_tokens_file` (LLAMAREC_RANKER__ADMIN_TOKENS_FILE) to a file of tokens, restart it, \
-         and send one as `authorization: Bearer <token>`"
-    )]
-    Disabled,
-    /// The request itself is wrong (a bad label, a path over the limit, adapter with base_only).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The adapter cannot replace the served one: it does not load, does not fit the base
-    /// model, or fails its warm-up.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The load task died.
-    #[error("reload failed: {0}")]
-    Internal(String),
-}
-
-impl From<ReloadError> for Status {
-    fn from(e: ReloadError) -> Self {
-        let code = match &e {
-            ReloadError::Disabled => Code::PermissionDenied,
-            ReloadError::InvalidArgument(_) => Code::InvalidArgument,
-            ReloadError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ReloadError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
-    }
-}
+pub use llamarec_common::reload::ReloadError;
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {

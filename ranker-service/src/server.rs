@@ -150,27 +150,6 @@ pub async fn run_with(
     serve_config(config, assets, listener, shutdown, None).await
 }
 
-/// Reloads the configured adapter and label on every SIGHUP, until aborted.
-async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reread: RereadConfig, reloader: Arc<Reloader>) {
-    while hangup.recv().await.is_some() {
-        let config = match reread() {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "SIGHUP: the configuration could not be re-read; the current model keeps serving");
-                continue;
-            }
-        };
-        tracing::info!(
-            adapter = %config.adapter.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
-            "SIGHUP: reloading the configured adapter (keys other than adapter and model_label apply at the next restart)"
-        );
-        let configured = Configured { adapter: config.adapter.clone(), label: config.label() };
-        if let Err(e) = reloader.reload_configured(configured).await {
-            tracing::warn!(error = %e, "SIGHUP: reload refused");
-        }
-    }
-}
-
 async fn serve_config(
     config: RankerServiceConfig,
     assets: AssetsConfig,
@@ -205,8 +184,17 @@ async fn serve_config(
     // Registered before SERVING: from then on SIGHUP reloads instead of ending the process.
     let sighup = match reread {
         Some(reread) => {
-            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
-            Some(tokio::spawn(reload_on_sighup(hangup, reread, loaded.reloader.clone())))
+            let reloader = loaded.reloader.clone();
+            Some(llamarec_common::reload::spawn_sighup_reloader("ranker", reread, move |config: RankerServiceConfig| {
+                let reloader = reloader.clone();
+                async move {
+                    tracing::info!(
+                        adapter = %config.adapter.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+                        "SIGHUP: reloading the configured adapter (keys other than adapter and model_label apply at the next restart)"
+                    );
+                    reloader.reload_configured(Configured { adapter: config.adapter.clone(), label: config.label() }).await.map(drop)
+                }
+            })?)
         }
         None => None,
     };

@@ -276,7 +276,7 @@ impl RankerService {
     /// (secure default: an unconfigured ranker cannot be made to load files).
     async fn reload_checked(&self, request: Request<RankerReloadRequest>) -> Result<RankerReloadResponse, Status> {
         if !self.admin.is_enabled() {
-            return Err(ReloadError::Disabled.into());
+            return Err(ReloadError::Disabled { service: "ranker" }.into());
         }
         self.admin.check(request.metadata())?;
         let req = request.into_inner();

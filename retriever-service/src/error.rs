@@ -1,5 +1,6 @@
 //! The retriever's errors: the library's own ([`RetrieverError`]) and the service's (a Retrieve
-//! call's [`ServiceError`], a Reload's [`ReloadError`]), with the one mapping of the service's
+//! call's [`ServiceError`], a Reload's [`ReloadError`], shared with the other model service and mapped in
+//! `llamarec_common::reload`), with the one mapping of the service's
 //! errors to gRPC status codes.
 
 use std::path::PathBuf;
@@ -85,28 +86,7 @@ pub enum ServiceError {
     Internal(String),
 }
 
-/// Why a reload was refused; the previous model keeps serving in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// No admin token is configured: Reload is refused outright (an unconfigured retriever
-    /// cannot be made to load files).
-    #[error(
-        "Reload is disabled on this retriever: no admin tokens are configured; set \
-         `[retriever] admin_tokens_file` (LLAMAREC_RETRIEVER__ADMIN_TOKENS_FILE) to a file of \
-         tokens, restart it, and send one as `authorization: Bearer <token>`"
-    )]
-    Disabled,
-    /// The request itself is wrong (a bad label, a path over the limit).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The checkpoint cannot replace the served one: it does not load, fails its warm-up, or
-    /// holds another catalog.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The load task died.
-    #[error("reload failed: {0}")]
-    Internal(String),
-}
+pub use llamarec_common::reload::ReloadError;
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
@@ -120,24 +100,12 @@ impl From<ServiceError> for Status {
     }
 }
 
-impl From<ReloadError> for Status {
-    fn from(e: ReloadError) -> Self {
-        let code = match &e {
-            ReloadError::Disabled => Code::PermissionDenied,
-            ReloadError::InvalidArgument(_) => Code::InvalidArgument,
-            ReloadError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ReloadError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn service_and_reload_errors_keep_their_codes_and_messages() {
+    fn service_errors_keep_their_codes_and_messages() {
         let cases: Vec<(Status, Code, &str)> = vec![
             (ServiceError::InvalidArgument("k is 0".into()).into(), Code::InvalidArgument, "k is 0"),
             (ServiceError::FailedPrecondition("other catalog".into()).into(), Code::FailedPrecondition, "other catalog"),
@@ -147,15 +115,6 @@ mod tests {
                 "retriever at capacity (8 requests in flight); retry with backoff",
             ),
             (ServiceError::Internal("boom".into()).into(), Code::Internal, "retrieval failed: boom"),
-            (
-                ReloadError::Disabled.into(),
-                Code::PermissionDenied,
-                "Reload is disabled on this retriever: no admin tokens are configured; set `[retriever] admin_tokens_file` \
-                 (LLAMAREC_RETRIEVER__ADMIN_TOKENS_FILE) to a file of tokens, restart it, and send one as `authorization: Bearer <token>`",
-            ),
-            (ReloadError::InvalidArgument("label: empty".into()).into(), Code::InvalidArgument, "label: empty"),
-            (ReloadError::FailedPrecondition("refused".into()).into(), Code::FailedPrecondition, "refused"),
-            (ReloadError::Internal("died".into()).into(), Code::Internal, "reload failed: died"),
         ];
         for (status, code, message) in cases {
             assert_eq!((status.code(), status.message()), (code, message));

@@ -89,24 +89,6 @@ pub async fn run_with(config: RetrieverServiceConfig, listener: TcpListener, shu
     serve_config(config, listener, shutdown, None).await
 }
 
-/// Reloads the configured checkpoint on every SIGHUP, until aborted.
-async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reread: RereadConfig, reloader: Arc<Reloader>) {
-    while hangup.recv().await.is_some() {
-        let config = match reread() {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "SIGHUP: the configuration could not be re-read; the current model keeps serving");
-                continue;
-            }
-        };
-        tracing::info!(checkpoint = %config.checkpoint.display(), "SIGHUP: reloading the configured checkpoint (keys other than checkpoint and model_label apply at the next restart)");
-        let configured = Configured { checkpoint: config.checkpoint.clone(), label: config.label() };
-        if let Err(e) = reloader.reload_configured(configured).await {
-            tracing::warn!(error = %e, "SIGHUP: reload refused");
-        }
-    }
-}
-
 async fn serve_config(
     config: RetrieverServiceConfig,
     listener: TcpListener,
@@ -141,8 +123,14 @@ async fn serve_config(
     // Registered before SERVING: from then on SIGHUP reloads instead of ending the process.
     let sighup = match reread {
         Some(reread) => {
-            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
-            Some(tokio::spawn(reload_on_sighup(hangup, reread, reloader.clone())))
+            let reloader = reloader.clone();
+            Some(llamarec_common::reload::spawn_sighup_reloader("retriever", reread, move |config: RetrieverServiceConfig| {
+                let reloader = reloader.clone();
+                async move {
+                    tracing::info!(checkpoint = %config.checkpoint.display(), "SIGHUP: reloading the configured checkpoint (keys other than checkpoint and model_label apply at the next restart)");
+                    reloader.reload_configured(Configured { checkpoint: config.checkpoint.clone(), label: config.label() }).await.map(drop)
+                }
+            })?)
         }
         None => None,
     };

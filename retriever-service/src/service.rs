@@ -313,7 +313,7 @@ impl RetrieverService {
     /// (secure default: an unconfigured retriever cannot be made to load files).
     async fn reload_checked(&self, request: Request<ReloadRequest>) -> Result<ReloadResponse, Status> {
         if !self.admin.is_enabled() {
-            return Err(ReloadError::Disabled.into());
+            return Err(ReloadError::Disabled { service: "retriever" }.into());
         }
         self.admin.check(request.metadata())?;
         let req = request.into_inner();
