@@ -1,6 +1,6 @@
 //! Harness for the cross-process tests in `tests/tests/`: free loopback ports, the workspace's
 //! release binaries started as child processes (killed when dropped), a throw-away
-//! `redis-server`, and waiting for grpc.health.v1 to report SERVING.
+//! `redis-server`, waiting for grpc.health.v1 to report SERVING, and altered copies of model files.
 
 pub mod proxy;
 pub mod setup;
@@ -221,3 +221,18 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
 }
 
 pub use llamarec_common::serving::wait_serving;
+
+/// Writes a copy of the safetensors file `from` to `to` with each f32 value `w` changed to
+/// `f(i, w)`, `i` counting values over the whole data section. Every tensor must be F32 (true of
+/// the shipped retriever checkpoint and LoRA adapter): another model of the same shapes, for
+/// reload tests.
+pub fn map_f32_safetensors(from: &Path, to: &Path, f: impl Fn(usize, f32) -> f32) {
+    let mut bytes = std::fs::read(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display()));
+    // safetensors: an 8-byte little-endian header length, the JSON header, then the data.
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for (i, chunk) in bytes[data_start..].chunks_exact_mut(4).enumerate() {
+        let w = f32::from_le_bytes(chunk.try_into().unwrap());
+        chunk.copy_from_slice(&f(i, w).to_le_bytes());
+    }
+    std::fs::write(to, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", to.display()));
+}

@@ -146,3 +146,16 @@ pub fn metric(page: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
+
+/// Every series of the gauge or counter `metric` on `http://127.0.0.1:PORT/metrics`, as (the
+/// line up to its value, value); e.g. `("llamarec_ranker_model_info{version=\"..\",label=\"..\"}", 1.0)`.
+pub fn series(port: u16, metric: &str) -> Vec<(String, f64)> {
+    scrape(port)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}

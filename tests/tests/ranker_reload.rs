@@ -10,8 +10,8 @@
 
 use llamarec_proto::v1::ranker_client::RankerClient;
 use llamarec_proto::v1::{InfoRequest, ModelVersion, RankRequest, RankResponse, RankerInfo, RankerReloadRequest, RankerReloadResponse};
-use llamarec_tests::setup::scrape;
-use llamarec_tests::{binary, free_port, repo_root, wait_serving, Process};
+use llamarec_tests::setup::series;
+use llamarec_tests::{binary, free_port, map_f32_safetensors, repo_root, wait_serving, Process};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,15 +52,7 @@ fn adapter_copy(dir: &Path, name: &str, config: impl Fn(String) -> String, weigh
     std::fs::create_dir_all(&out).unwrap();
     let text = std::fs::read_to_string(repo_root().join(SHIPPED).join("adapter_config.json")).unwrap();
     std::fs::write(out.join("adapter_config.json"), config(text)).unwrap();
-    let mut bytes = std::fs::read(repo_root().join(SHIPPED).join("adapter_model.safetensors")).unwrap();
-    // safetensors: an 8-byte little-endian header length, the JSON header, then the data; every
-    // tensor of the shipped adapter is F32.
-    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    for (i, chunk) in bytes[data_start..].chunks_exact_mut(4).enumerate() {
-        let w = f32::from_le_bytes(chunk.try_into().unwrap());
-        chunk.copy_from_slice(&weight(i, w).to_le_bytes());
-    }
-    std::fs::write(out.join("adapter_model.safetensors"), bytes).unwrap();
+    map_f32_safetensors(&repo_root().join(SHIPPED).join("adapter_model.safetensors"), &out.join("adapter_model.safetensors"), weight);
     out
 }
 
@@ -140,14 +132,7 @@ impl Ranker {
 
     /// `llamarec_ranker_model_info{version,label}` lines and values.
     fn model_info(&self) -> Vec<(String, f64)> {
-        scrape(self.metrics_port)
-            .lines()
-            .filter(|l| l.starts_with("llamarec_ranker_model_info{"))
-            .map(|l| {
-                let (labels, value) = l.rsplit_once(' ').unwrap();
-                (labels.to_string(), value.parse().unwrap())
-            })
-            .collect()
+        series(self.metrics_port, "llamarec_ranker_model_info")
     }
 }
 

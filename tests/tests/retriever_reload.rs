@@ -9,8 +9,8 @@
 
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{InfoRequest, ModelVersion, ReloadRequest, ReloadResponse, RetrieveRequest};
-use llamarec_tests::setup::scrape;
-use llamarec_tests::{binary, free_port, repo_root, wait_serving, Process};
+use llamarec_tests::setup::series;
+use llamarec_tests::{binary, free_port, map_f32_safetensors, repo_root, wait_serving, Process};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,15 +31,7 @@ fn perturbed_copy(dir: &Path, name: &str, f: impl Fn(usize, f32) -> f32) -> Path
     for file in ["config.json", "items.json", "report.json"] {
         std::fs::copy(repo_root().join(SHIPPED).join(file), out.join(file)).unwrap();
     }
-    let mut bytes = std::fs::read(repo_root().join(SHIPPED).join("model.safetensors")).unwrap();
-    // safetensors: an 8-byte little-endian header length, the JSON header, then the tensors'
-    // data; every tensor of the shipped checkpoint is F32.
-    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    for (i, chunk) in bytes[data_start..].chunks_exact_mut(4).enumerate() {
-        let w = f32::from_le_bytes(chunk.try_into().unwrap());
-        chunk.copy_from_slice(&f(i, w).to_le_bytes());
-    }
-    std::fs::write(out.join("model.safetensors"), bytes).unwrap();
+    map_f32_safetensors(&repo_root().join(SHIPPED).join("model.safetensors"), &out.join("model.safetensors"), f);
     out
 }
 
@@ -106,14 +98,7 @@ impl Retriever {
 
     /// `llamarec_retriever_model_info{version,label}` values.
     fn model_info(&self) -> Vec<(String, f64)> {
-        scrape(self.metrics_port)
-            .lines()
-            .filter(|l| l.starts_with("llamarec_retriever_model_info{"))
-            .map(|l| {
-                let (labels, value) = l.rsplit_once(' ').unwrap();
-                (labels.to_string(), value.parse().unwrap())
-            })
-            .collect()
+        series(self.metrics_port, "llamarec_retriever_model_info")
     }
 }
 

@@ -6,7 +6,7 @@
 use llamarec_proto::v1::gateway_client::GatewayClient;
 use llamarec_proto::v1::{ModelVersion, RecommendRequest};
 use llamarec_tests::setup::{self, Addrs, Extra, Store};
-use llamarec_tests::{binary, repo_root, wait_serving};
+use llamarec_tests::{binary, map_f32_safetensors, repo_root, wait_serving};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -38,13 +38,7 @@ fn other_checkpoint(dir: &Path) -> String {
     for file in ["config.json", "items.json", "report.json"] {
         std::fs::copy(shipped.join(file), out.join(file)).unwrap();
     }
-    let mut bytes = std::fs::read(shipped.join("model.safetensors")).unwrap();
-    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    for (i, chunk) in bytes[data_start..].chunks_exact_mut(4).enumerate() {
-        let w = f32::from_le_bytes(chunk.try_into().unwrap());
-        chunk.copy_from_slice(&(w + 0.01 * (i as f32 * 0.37).sin()).to_le_bytes());
-    }
-    std::fs::write(out.join("model.safetensors"), bytes).unwrap();
+    map_f32_safetensors(&shipped.join("model.safetensors"), &out.join("model.safetensors"), |i, w| w + 0.01 * (i as f32 * 0.37).sin());
     out.display().to_string()
 }
 
