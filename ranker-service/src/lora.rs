@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use llamarec_common::rng::Rng;
 
 use crate::config::LlamaConfig;
@@ -98,6 +98,42 @@ pub struct LoraAdapter {
     pairs: HashMap<(usize, Projection), LoraPair>,
     /// Training only: PEFT's `lora_dropout` on each pair's input, with its own seeded stream.
     dropout: Option<std::sync::Arc<std::sync::Mutex<LoraDropout>>>,
+    /// Serving only ([`LoraAdapter::for_serving`]): each fused projection's pairs as one
+    /// product, so the update costs two small matmuls instead of two per part, a zero block per
+    /// missing part and a concatenation.
+    serving: Option<std::sync::Arc<HashMap<(usize, FusedSlot), ServingFactors>>>,
+}
+
+/// The projections the forward pass runs as one matmul each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FusedSlot {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl FusedSlot {
+    const ALL: [(FusedSlot, &'static [Projection]); 4] = [
+        (FusedSlot::Qkv, &[Projection::QProj, Projection::KProj, Projection::VProj]),
+        (FusedSlot::O, &[Projection::OProj]),
+        (FusedSlot::GateUp, &[Projection::GateProj, Projection::UpProj]),
+        (FusedSlot::Down, &[Projection::DownProj]),
+    ];
+
+    /// The slot whose parts are exactly `parts`, in order.
+    fn of(parts: &[Projection]) -> Option<Self> {
+        Self::ALL.iter().find(|(_, p)| *p == parts).map(|(slot, _)| *slot)
+    }
+}
+
+/// One fused projection's update `x A^T B^T`: `a_t` is the parts' down matrices stacked and
+/// transposed `(in, r_total)`, `b_t` the block-diagonal up matrices, scaled, transposed
+/// `(r_total, out_total)` with zeros where a part has no pair.
+#[derive(Debug, Clone)]
+struct ServingFactors {
+    a_t: Tensor,
+    b_t: Tensor,
 }
 
 /// Inverted dropout on the LoRA branch's input (`B A dropout(x)`), as PEFT applies it; a fresh
@@ -165,6 +201,8 @@ impl LoraAdapter {
             )));
         }
         self.pairs.insert((layer, proj), pair);
+        // Stacked factors of the old pairs would no longer match.
+        self.serving = None;
         Ok(())
     }
 
@@ -219,6 +257,63 @@ impl LoraAdapter {
             .then(|| std::sync::Arc::new(std::sync::Mutex::new(LoraDropout::new(p, seed))));
     }
 
+    /// The same pairs prepared for serving: each fused projection's pairs stacked into one
+    /// pair of matrices (see [`ServingFactors`]). Inference only: the stacked copies are not
+    /// what an optimizer updates.
+    pub fn for_serving(mut self, cfg: &LlamaConfig) -> Result<Self> {
+        let mut factors = HashMap::new();
+        for layer in 0..cfg.num_layers {
+            for (slot, parts) in FusedSlot::ALL {
+                if let Some(f) = self.stack(layer, parts, cfg)? {
+                    factors.insert((layer, slot), f);
+                }
+            }
+        }
+        self.serving = Some(std::sync::Arc::new(factors));
+        Ok(self)
+    }
+
+    fn stack(&self, layer: usize, parts: &[Projection], cfg: &LlamaConfig) -> Result<Option<ServingFactors>> {
+        let pairs: Vec<(usize, &LoraPair)> = {
+            let mut offset = 0;
+            let mut found = Vec::new();
+            for p in parts {
+                if let Some(pair) = self.get(layer, *p) {
+                    found.push((offset, pair));
+                }
+                offset += p.dims(cfg).1;
+            }
+            found
+        };
+        let Some((_, first)) = pairs.first() else { return Ok(None) };
+        let (device, dtype) = (first.a.device().clone(), first.a.dtype());
+        let out_total: usize = parts.iter().map(|p| p.dims(cfg).1).sum();
+        let r_total: usize = pairs.iter().map(|(_, p)| p.a.dim(0)).sum::<candle_core::Result<usize>>()?;
+        let a = Tensor::cat(&pairs.iter().map(|(_, p)| p.a.clone()).collect::<Vec<_>>(), 0)?;
+        // The block-diagonal up matrix, built on the host: (out_total, r_total).
+        let mut b = vec![0f32; out_total * r_total];
+        let mut col = 0;
+        for (row, pair) in &pairs {
+            let up: Vec<Vec<f32>> = (pair.b.to_dtype(DType::F32)? * pair.scale)?.to_vec2()?;
+            let r = pair.a.dim(0)?;
+            for (i, values) in up.iter().enumerate() {
+                b[(row + i) * r_total + col..(row + i) * r_total + col + r].copy_from_slice(values);
+            }
+            col += r;
+        }
+        let b = Tensor::from_vec(b, (out_total, r_total), &device)?.to_dtype(dtype)?;
+        Ok(Some(ServingFactors { a_t: a.t()?.contiguous()?, b_t: b.t()?.contiguous()? }))
+    }
+
+    /// The serving factors of the fused projection `parts` of `layer`, when prepared and no
+    /// training dropout applies.
+    fn serving_factors(&self, layer: usize, parts: &[Projection]) -> Option<&ServingFactors> {
+        if self.dropout.is_some() {
+            return None;
+        }
+        self.serving.as_ref()?.get(&(layer, FusedSlot::of(parts)?))
+    }
+
     /// The update of one block's projection for input `x`, with the training dropout if set;
     /// `None` when the projection has no pair.
     pub fn delta(
@@ -227,6 +322,9 @@ impl LoraAdapter {
         proj: Projection,
         x: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        if let Some(f) = self.serving_factors(layer, &[proj]) {
+            return Ok(Some(x.matmul(&f.a_t)?.matmul(&f.b_t)?));
+        }
         match self.get(layer, proj) {
             Some(pair) => pair.delta(&self.dropped(x)?).map(Some),
             None => Ok(None),
@@ -270,6 +368,9 @@ impl LoraAdapter {
         if parts.iter().all(|p| self.get(layer, *p).is_none()) {
             return Ok(None);
         }
+        if let Some(f) = self.serving_factors(layer, parts) {
+            return Ok(Some(x.matmul(&f.a_t)?.matmul(&f.b_t)?));
+        }
         let n = x.dim(0)?;
         let mut outs = Vec::with_capacity(parts.len());
         for p in parts {
@@ -284,7 +385,46 @@ impl LoraAdapter {
 
 #[cfg(test)]
 mod tests {
-    use super::LoraDropout;
+    use super::*;
+    use candle_core::Device;
+
+    /// Stacked serving factors give the update the per-pair path gives, for every fused
+    /// projection, with parts missing (k, up) and of different ranks.
+    #[test]
+    fn serving_factors_match_the_per_pair_update() {
+        let cfg = LlamaConfig { hidden_size: 16, intermediate_size: 24, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 4, vocab_size: 8, rms_norm_eps: 1e-5, rope_theta: 1e4, max_seq_len: 32 };
+        let dev = Device::Cpu;
+        let mut adapter = LoraAdapter::new();
+        for (layer, proj, r) in [(0, Projection::QProj, 2), (0, Projection::VProj, 3), (1, Projection::OProj, 2), (1, Projection::GateProj, 4), (1, Projection::DownProj, 1)] {
+            let (din, dout) = proj.dims(&cfg);
+            let pair = LoraPair { a: Tensor::randn(0f32, 1.0, (r, din), &dev).unwrap(), b: Tensor::randn(0f32, 1.0, (dout, r), &dev).unwrap(), scale: 1.5 };
+            adapter.insert(&cfg, layer, proj, pair).unwrap();
+        }
+        let served = adapter.clone().for_serving(&cfg).unwrap();
+        let groups: [&[Projection]; 4] = [&[Projection::QProj, Projection::KProj, Projection::VProj], &[Projection::OProj], &[Projection::GateProj, Projection::UpProj], &[Projection::DownProj]];
+        let mut compared = 0;
+        for layer in 0..cfg.num_layers {
+            for parts in groups {
+                let din = parts[0].dims(&cfg).0;
+                let x = Tensor::randn(0f32, 1.0, (5, din), &dev).unwrap();
+                let (reference, fast) = if parts.len() == 1 {
+                    (adapter.delta(layer, parts[0], &x).unwrap(), served.delta(layer, parts[0], &x).unwrap())
+                } else {
+                    (adapter.fused_delta(layer, parts, &cfg, &x).unwrap(), served.fused_delta(layer, parts, &cfg, &x).unwrap())
+                };
+                match (reference, fast) {
+                    (None, None) => {}
+                    (Some(r), Some(f)) => {
+                        let diff = (r - f).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                        assert!(diff < 1e-4, "layer {layer} {parts:?}: {diff}");
+                        compared += 1;
+                    }
+                    (r, f) => panic!("layer {layer} {parts:?}: {:?} vs {:?}", r.is_some(), f.is_some()),
+                }
+            }
+        }
+        assert_eq!(compared, 4, "qkv of layer 0; o, gate_up and down of layer 1");
+    }
 
     /// The masks the stream drew before it moved onto the shared generator: a resumed training
     /// run must see the same ones.

@@ -141,8 +141,11 @@ impl Ranker {
             model.set_kernels(Kernels::Generic);
         }
         let renderer = PromptRenderer::new(config.template.clone(), tokenizer)?;
-        let lora = adapter.map(|dir| crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())).transpose()?;
-        Self::assemble(model, renderer, lora.map(|(lora, _)| Arc::new(lora)))
+        let lora = match adapter {
+            Some(dir) => Some(Arc::new(crate::peft::load_adapter(dir, model.config(), model.device(), model.dtype())?.0.for_serving(model.config())?)),
+            None => None,
+        };
+        Self::assemble(model, renderer, lora)
     }
 
     /// Wires a loaded model to a renderer.
@@ -160,9 +163,10 @@ impl Ranker {
         Ok(ranker)
     }
 
-    /// Reads a PEFT adapter directory and checks that it fits this ranker's base model.
+    /// Reads a PEFT adapter directory, checks that it fits this ranker's base model and
+    /// prepares it for serving ([`LoraAdapter::for_serving`]).
     pub fn read_adapter(&self, dir: &Path) -> Result<LoraAdapter> {
-        Ok(crate::peft::load_adapter(dir, self.model.config(), self.model.device(), self.model.dtype())?.0)
+        crate::peft::load_adapter(dir, self.model.config(), self.model.device(), self.model.dtype())?.0.for_serving(self.model.config())
     }
 
     /// The adapter applied over the base weights, if any.
@@ -172,7 +176,7 @@ impl Ranker {
 
     /// The adapter is applied per token, not merged into the weights: the base stays intact, so
     /// a hot reload can put another adapter over the same weights in memory (the cost: a rank-r
-    /// product beside each projection, ~1-2% of a forward pass for r = 8; BENCHMARKS.md).
+    /// product beside each fused projection; BENCHMARKS.md "Adapter applied per token").
     fn assemble(model: Llama, renderer: PromptRenderer, adapter: Option<Arc<LoraAdapter>>) -> Result<Self> {
         let verbalizer = Verbalizer::new(&renderer)?;
         let head = model.token_head(verbalizer.token_ids())?;
