@@ -112,7 +112,7 @@ async fn the_split_is_sticky_settable_at_run_time_and_guarded() {
     }
     let split = get_split(&mut c, Some(ADMIN_TOKEN)).await.unwrap();
     assert_eq!((split.fraction, split.canary_ranker_weight, split.stable_ranker_weight), (0.3, 0.0, 0.0));
-    assert_eq!(split.canary_rankers, [dead_ranker.addr.clone()]);
+    assert_eq!(split.canary_rankers, std::slice::from_ref(&dead_ranker.addr));
     // Bad values: INVALID_ARGUMENT naming the field, and nothing changes.
     for (fraction, weight, field) in [(Some(1.5), None, "fraction"), (Some(-0.1), None, "fraction"), (None, Some(2.0), "canary_ranker_weight")] {
         let status = set_split(&mut c, fraction, weight).await.unwrap_err();
