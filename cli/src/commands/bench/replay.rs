@@ -28,14 +28,14 @@ pub struct ReplayBenchArgs {
     /// The ranker's Prometheus endpoint (`[ranker] metrics_listen`).
     #[arg(long, default_value = "127.0.0.1:9092")]
     ranker_metrics: String,
-    /// Offered rates of the retriever-only sweep (req/s); empty skips it.
-    #[arg(long, value_delimiter = ',', default_value = "250,500,1000,2000,4000")]
+    /// Offered rates of the retriever-only sweep (req/s); the flag with no value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "250,500,1000,2000,4000")]
     retriever_rates: Vec<f64>,
     /// Seconds per retriever-only step.
     #[arg(long, default_value_t = 8.0)]
     retriever_step_s: f64,
-    /// Offered rates of the two-stage sweep (req/s); empty skips it.
-    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,2")]
+    /// Offered rates of the two-stage sweep (req/s); the flag with no value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0.25,0.5,1,2")]
     two_stage_rates: Vec<f64>,
     /// Seconds per two-stage step.
     #[arg(long, default_value_t = 40.0)]
