@@ -24,9 +24,13 @@ mod tests {
         for wanted in ["Gateway", "Retriever", "Ranker"] {
             assert!(services.iter().any(|s| s == wanted), "{wanted} missing from {services:?}");
         }
-        let gateway = set.file.iter().flat_map(|f| &f.service).find(|s| s.name() == "Gateway").unwrap();
-        let methods: Vec<&str> = gateway.method.iter().map(|m| m.name()).collect();
-        assert_eq!(methods, ["Recommend", "AppendEvents", "GetHistory"]);
+        let methods = |service: &str| -> Vec<String> {
+            let s = set.file.iter().flat_map(|f| &f.service).find(|s| s.name() == service).unwrap();
+            s.method.iter().map(|m| m.name().to_string()).collect()
+        };
+        assert_eq!(methods("Gateway"), ["Recommend", "AppendEvents", "GetHistory", "GetSplit", "SetSplit"]);
+        assert_eq!(methods("Retriever"), ["Retrieve", "RetrieveBatch", "Info", "Reload"]);
+        assert_eq!(methods("Ranker"), ["Rank", "Info", "Reload"]);
     }
 
     #[test]
