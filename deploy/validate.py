@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks behind deploy/validate.sh (run that: it installs the tools and renders kustomize).
 
-1. Every object that `kubectl kustomize` rendered for deploy/k8s/{base,overlays/cpu,overlays/gpu},
+1. Every object that `kubectl kustomize` rendered for deploy/k8s/{base,overlays/{cpu,gpu,canary}},
    and the Prometheus-adapter ConfigMap, validates against the Kubernetes JSON schemas of
    kubernetes-validate in strict mode (unknown fields are errors). A kind without a schema (a
    CRD) is an error here, not the CLI's warning: the manifests use built-in kinds only.
@@ -9,7 +9,10 @@
    exists; mounted ConfigMaps exist; the TOML in the ConfigMap parses and its addresses match the
    Services (gateway -> retriever, headless ranker, redis) and the probe ports; every container
    has requests/limits, probes and a non-root security context; the gpu overlay really asks for a
-   GPU and sets LLAMAREC_RANKER__DEVICE.
+   GPU and sets LLAMAREC_RANKER__DEVICE; the canary rankers ([gateway.canary.rankers] dns, with
+   the gateway container's LLAMAREC_GATEWAY__* overrides) are pods of their own, checked as the
+   stable ranker's (ports, probes, Secrets, NetworkPolicy); the gateway's admin_tokens_file is a
+   Secret of its own.
 3. deploy/compose.yaml parses as a Compose Specification file (compose-spec, strict) and every
    service, volume, bind source, build context and Dockerfile it names exists; the config hosts
    it relies on are its services.
@@ -145,6 +148,10 @@ def cross_check(objs: list[dict], source: str) -> None:
     except (KeyError, tomllib.TOMLDecodeError) as e:
         fail(f"{source}: llamarec.toml in the ConfigMap does not parse: {e}")
         return
+    # The gateway reads its sections with its container's LLAMAREC_GATEWAY__* overrides on top
+    # (the canary overlay sets [gateway.canary] and admin_tokens_file that way).
+    if "gateway" in deployments:
+        cfg = with_env_overrides(cfg, pod_spec(deployments["gateway"])["containers"][0], "gateway")
     gw = cfg["gateway"]
 
     def service_port(name: str, port: int, what: str) -> dict | None:
@@ -166,6 +173,21 @@ def cross_check(objs: list[dict], source: str) -> None:
             fail(f"{source}: Service {svc['metadata']['name']} must be headless (clusterIP: None) for per-request balancing")
     if gw.get("rankers", {}).get("addresses"):
         fail(f"{source}: [gateway.rankers] addresses must be empty when dns is used (the static list is kept too)")
+    # The canary arm's rankers (README "Canary split"): a headless Service of ranker pods of
+    # their own, checked below as the stable ranker is (ports, probes, Secrets, NetworkPolicy).
+    canary = lookup(gw, ("canary", "rankers")) or {}
+    if canary.get("dns"):
+        svc = service_port(*host_port(canary["dns"]), "[gateway.canary.rankers] dns")
+        if svc is not None and svc["spec"].get("clusterIP") != "None":
+            fail(f"{source}: Service {svc['metadata']['name']} must be headless (clusterIP: None) for per-request balancing")
+        if canary.get("addresses"):
+            fail(f"{source}: [gateway.canary.rankers] addresses must be empty when dns is used")
+        for d in canary_deployments(cfg, deployments, services):
+            if d["metadata"]["name"] == "ranker":
+                fail(f"{source}: [gateway.canary.rankers] dns reaches the stable ranker pods: the canary needs pods of its own (app.kubernetes.io/name: ranker-canary)")
+            for c in pod_spec(d)["containers"]:
+                if not runs_model_service(c.get("image")):
+                    fail(f"{source}: {kn(d)} container {c['name']} ({c.get('image')}) is the canary's ranker but runs no ranker image")
     store = gw.get("store", {})
     if store.get("kind") != "redis":
         fail(f"{source}: [gateway.store] kind must be redis (several gateway replicas share histories)")
@@ -178,7 +200,8 @@ def cross_check(objs: list[dict], source: str) -> None:
     if "redis" in deployments:
         c = pod_spec(deployments["redis"])["containers"][0]
         redis_fsyncs_every_write(c.get("command", []) + c.get("args", []), f"{source}: Deployment redis")
-    for name, section in [("gateway", "gateway"), ("retriever", "retriever"), ("ranker", "ranker")]:
+    canaries = [(d["metadata"]["name"], "ranker") for d in canary_deployments(cfg, deployments, services) if d["metadata"]["name"] != "ranker"]
+    for name, section in [("gateway", "gateway"), ("retriever", "retriever"), ("ranker", "ranker")] + canaries:
         d = deployments.get(name)
         if d is None:
             fail(f"{source}: no Deployment {name}")
@@ -219,6 +242,38 @@ def cross_check(objs: list[dict], source: str) -> None:
             fail(f"{source}: gpu ranker does not set LLAMAREC_RANKER__DEVICE=cuda:N")
         if "ranker-cuda" not in c["image"]:
             fail(f"{source}: gpu ranker does not run the CUDA image ({c['image']})")
+
+
+def with_env_overrides(cfg: dict, container: dict, section: str) -> dict:
+    """cfg with the container's literal LLAMAREC_<SECTION>__<KEY>[__<KEY>...] values on top (as
+    the service layers them), for the one section given; values parse as TOML, else a string."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    prefix = f"LLAMAREC_{section.upper()}__"
+    for e in container.get("env", []):
+        if not e["name"].startswith(prefix) or e.get("value") is None:
+            continue
+        try:
+            value = tomllib.loads(f"v = {e['value']}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = e["value"]
+        node = cfg.setdefault(section, {})
+        keys = [k.lower() for k in e["name"][len(prefix):].split("__")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return cfg
+
+
+def canary_deployments(cfg: dict, deployments: dict, services: dict) -> list[dict]:
+    """The Deployments behind [gateway.canary.rankers] dns (none when it is not set)."""
+    dns = lookup(cfg, ("gateway", "canary", "rankers", "dns"))
+    svc = services.get(host_port(str(dns))[0]) if dns else None
+    if svc is None:
+        return []
+    sel = svc["spec"].get("selector", {})
+    return [d for d in deployments.values() if selects(sel, d["spec"]["template"]["metadata"]["labels"])]
 
 
 # --- 2b. secure by default (issue 18) -----------------------------------------------------------
@@ -356,13 +411,15 @@ def peers_select_only(rule: dict, allowed: list[dict], deployments: dict) -> boo
 
 def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
     deployments = by_kind.get("Deployment", {})
+    canaries = [d for d in canary_deployments(cfg, deployments, by_kind.get("Service", {})) if d["metadata"]["name"] != "ranker"]
     for service, path, what in check_config_security(cfg, f"{source}: llamarec.toml"):
-        d = deployments.get(service)
-        if d is None:
-            continue
-        files = secret_files(pod_spec(d), pod_spec(d)["containers"][0])
-        if path not in files:
-            fail(f"{source}: {kn(d)} does not mount {path} ({what}) from a Secret")
+        # The canary rankers read [ranker] as the stable ones do: the same files from Secrets.
+        for d in [deployments.get(service)] + (canaries if service == "ranker" else []):
+            if d is None:
+                continue
+            files = secret_files(pod_spec(d), pod_spec(d)["containers"][0])
+            if path not in files:
+                fail(f"{source}: {kn(d)} does not mount {path} ({what}) from a Secret")
     # The Reload RPCs' admin tokens: the Secrets behind the model services' admin_tokens_file,
     # held by containers that run a model service only (a ranker-canary copy of the ranker may).
     # Compared by Secret, not by key: a Secret of which another pod mounts any key (say the
@@ -379,6 +436,18 @@ def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
             for secret in sorted(secrets_held(spec, c) & admin_secrets.keys()):
                 if not runs_model_service(c.get("image")):
                     fail(f"{source}: {kn(d)} container {c['name']} ({c.get('image')}) can read the Reload admin tokens (Secret {secret}, {admin_secrets[secret]}): only the model services (retriever, ranker) may")
+    # The gateway's own admin tokens (GetSplit/SetSplit, `llamarec split`): from a Secret of their
+    # own, never the model services' Reload tokens nor the backend token's.
+    gw_admin, gw = lookup(cfg, ("gateway", "admin_tokens_file")), deployments.get("gateway")
+    if gw_admin and gw is not None:
+        files = secret_files(pod_spec(gw), pod_spec(gw)["containers"][0])
+        secret = files.get(str(gw_admin))
+        if secret is None:
+            fail(f"{source}: {kn(gw)} does not mount [gateway] admin_tokens_file {gw_admin} from a Secret")
+        elif secret in admin_secrets:
+            fail(f"{source}: [gateway] admin_tokens_file comes from Secret {secret}, the model services' Reload tokens ({admin_secrets[secret]}): give the gateway a Secret of its own")
+        elif secret == files.get(str(lookup(cfg, ("gateway", "backend_token_file")))):
+            fail(f"{source}: [gateway] admin_tokens_file comes from the backend token's Secret {secret}")
     # Redis: requirepass from a Secret, the same one the gateway reads.
     redis = deployments.get("redis")
     if redis is not None:
@@ -404,7 +473,9 @@ def check_k8s_security(cfg: dict, by_kind: dict, source: str) -> None:
     gateway = deployments.get("gateway")
     gateway_labels = gateway["spec"]["template"]["metadata"]["labels"] if gateway else {}
     redis_client = {"llamarec.io/redis-client": "true"}
-    for name, section, allowed in (("retriever", "retriever", "gateway"), ("ranker", "ranker", "gateway"), ("redis", None, "redis users")):
+    guarded = [("retriever", "retriever", "gateway"), ("ranker", "ranker", "gateway"), ("redis", None, "redis users")]
+    guarded += [(d["metadata"]["name"], "ranker", "gateway") for d in canaries]
+    for name, section, allowed in guarded:
         d = deployments.get(name)
         if d is None:
             continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates everything under deploy/ without a cluster or a Docker engine (CI runs it):
-#   1. renders the kustomize base and both overlays with a real kustomize (the one built into
-#      kubectl) and validates every rendered object against the Kubernetes OpenAPI schemas
+#   1. renders the kustomize base and the overlays (cpu, gpu, canary) with a real kustomize (the
+#      one built into kubectl) and validates every rendered object against the Kubernetes OpenAPI schemas
 #      (PyPI package kubernetes-validate, strict: unknown fields are errors), plus cross-checks
 #      between objects and the TOML config (deploy/validate.py);
 #   2. parses deploy/compose.yaml against the Compose Specification (PyPI package compose-spec)
@@ -110,7 +110,7 @@ render() {
 OUT="$TOOLS/rendered"
 rm -rf "$OUT" && mkdir -p "$OUT"
 if [[ -n "$KUBECTL" ]]; then say "kustomize: $("$KUBECTL" version --client 2>/dev/null | tr '\n' ' ')"; fi
-for dir in base overlays/cpu overlays/gpu; do
+for dir in base overlays/cpu overlays/gpu overlays/canary; do
   name=${dir//\//-}
   render "deploy/k8s/$dir" > "$OUT/$name.yaml"
   say "rendered deploy/k8s/$dir -> $OUT/$name.yaml"
@@ -148,7 +148,7 @@ config_check() { # FILE ARGS-FILE: the file with one argument per line from conf
 for f in deploy/local/*.toml deploy/docker/llamarec.toml; do
   config_check "$f"
 done
-for dir in base overlays/cpu overlays/gpu; do
+for dir in base overlays/cpu overlays/gpu overlays/canary; do
   name=${dir//\//-}
   "$PY" deploy/config_check_args.py k8s "$OUT/$name.yaml" "$OUT/$name.llamarec.toml" > "$OUT/$name.check-args"
   say "deploy/k8s/$dir: $(tr '\n' ' ' < "$OUT/$name.check-args")"
