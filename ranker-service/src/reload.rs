@@ -11,7 +11,6 @@
 //! arrives.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,8 +73,6 @@ pub struct Reloaded {
 pub struct Reloader {
     slot: Arc<ModelSlot>,
     base: BaseDigest,
-    device: String,
-    generations: AtomicU64,
     /// The configured adapter (replaced by SIGHUP). Its lock is held for a whole reload, so
     /// concurrent reloads run one after the other and the last one asked is the one served.
     configured: tokio::sync::Mutex<Configured>,
@@ -86,8 +83,6 @@ impl Reloader {
     pub fn new(initial: ServedModel, base: BaseDigest, configured: Configured) -> Self {
         publish_model_info(&initial.info.version, 1.0);
         Self {
-            device: initial.info.device.clone(),
-            generations: AtomicU64::new(initial.generation),
             slot: Arc::new(ArcSwap::from_pointee(initial)),
             base,
             configured: tokio::sync::Mutex::new(configured),
@@ -128,7 +123,7 @@ impl Reloader {
         check_label(&label).map_err(|e| ReloadError::InvalidArgument(format!("label: {e}")))?;
         let start = Instant::now();
         let previous = self.slot.load_full();
-        let (base, dir, device) = (previous.ranker.clone(), adapter.clone(), self.device.clone());
+        let (base, dir, device) = (previous.ranker.clone(), adapter.clone(), previous.info.device.clone());
         let digest = self.base.clone();
         let what = adapter.as_ref().map_or_else(|| "the base model alone".to_string(), |p| format!("adapter {}", p.display()));
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(Ranker, ModelInfo)> {
@@ -144,7 +139,8 @@ impl Reloader {
         .map_err(|e| ReloadError::FailedPrecondition(format!("{what} refused: {e:#}; the previous model keeps serving")))?;
         let (ranker, info) = built;
         let load = start.elapsed();
-        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        // Swaps run one at a time (the `configured` lock), so the served model is still `previous`.
+        let generation = previous.generation + 1;
         let current = info.version.clone();
         self.slot.store(Arc::new(ServedModel { ranker: Arc::new(ranker), info, generation }));
         publish_model_info(&previous.info.version, 0.0);

@@ -178,8 +178,9 @@ async fn serve_config(
     }
     tokio::spawn(crate::metrics::report_resident_memory(MEMORY_REPORT_PERIOD));
     let loaded = load(&config, &assets).await?;
-    let version = loaded.reloader.slot().load().info.version.clone();
-    let letters = loaded.reloader.slot().load().ranker.renderer().template().letters.len();
+    let served = loaded.reloader.slot().load_full();
+    let (version, letters) = (served.info.version.clone(), served.ranker.renderer().template().letters.len());
+    drop(served); // held to the end of serving, it would keep the first model alive after a reload
     let limits = service::RequestLimits::new(&config, letters);
     // Registered before SERVING: from then on SIGHUP reloads instead of ending the process.
     let sighup = match reread {
