@@ -43,6 +43,9 @@ pub struct LruRecConfig {
     /// Dropout probability used during training (embedding, LRU or attention output,
     /// feed-forward).
     pub dropout: f64,
+    /// Dropout probability on the attention weights during training (RecBole's
+    /// `attn_dropout_prob`). SASRec only.
+    pub attention_dropout: f64,
     /// Epsilon of every layer norm.
     pub layer_norm_eps: f64,
     /// Standard deviation of the truncated-normal initialisation (truncated at two deviations).
@@ -65,6 +68,7 @@ impl Default for LruRecConfig {
             r_min: 0.8,
             r_max: 0.99,
             dropout: 0.2,
+            attention_dropout: 0.0,
             layer_norm_eps: 1e-5,
             init_std: 0.02,
             max_len: 200,
@@ -103,6 +107,9 @@ impl LruRecConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if !(0.0..1.0).contains(&self.attention_dropout) {
+            return bad(format!("attention_dropout must be in [0, 1), got {}", self.attention_dropout));
         }
         if self.max_len == 0 {
             return bad("max_len must be positive".into());

@@ -16,7 +16,7 @@ pub mod sasrec;
 pub mod scan;
 pub mod sequence_model;
 
-use crate::train::batch::{length_grouped_batches, training_windows, Batch};
+use crate::train::batch::{length_grouped_batches, training_windows, Batch, TrainWindow, Windowing};
 use crate::catalog::CatalogItem;
 use crate::checkpoint::{
     read_json, write_json, CONFIG_FILE, ITEMS_FILE, LAST_MODEL_FILE, MODEL_FILE, OPTIMIZER_FILE, REPORT_FILE,
@@ -61,6 +61,11 @@ pub struct TrainConfig {
     /// Stride of the sliding windows over histories longer than `model.max_len`
     /// (None: `model.max_len`, non-overlapping).
     pub sliding_step: Option<usize>,
+    /// Train every item once, past the first `max_len` with (nearly) a full window of history:
+    /// overlapping windows every `sliding_step` items, each predicting only the items no earlier
+    /// window did (`sliding_step` 1: every prefix, as RecBole trains SASRec). Off: the reference
+    /// code's windows, every pair of each trained, items before the earliest one left out.
+    pub each_target_once: bool,
     /// Also train each whole sequence's first item as a prediction from the empty history.
     pub first_item_target: bool,
     /// Batch windows of similar length (little padding, ~2x faster epochs on ML-100K) instead of
@@ -89,6 +94,7 @@ impl Default for TrainConfig {
             grad_clip: Some(5.0),
             seed: 42,
             sliding_step: None,
+            each_target_once: false,
             first_item_target: true,
             group_by_length: false,
             eval_threads: 2,
@@ -213,7 +219,8 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
 
     let sequences: Vec<&[u32]> = (0..dataset.users.len()).map(|u| dataset.train_sequence(u)).collect();
     let step = config.sliding_step.unwrap_or(config.model.max_len);
-    let windows = training_windows(&sequences, config.model.max_len, step);
+    let windowing = if config.each_target_once { Windowing::EachTargetOnce { step } } else { Windowing::Sliding { step } };
+    let windows = training_windows(&sequences, config.model.max_len, windowing);
     if windows.is_empty() {
         return Err(RetrieverError::NoData(format!("no user of {} has two training items", dataset.name)));
     }
@@ -225,10 +232,7 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         interactions: stats.interactions,
         max_sequence_length: stats.max_sequence_length,
         training_windows: windows.len(),
-        training_targets: windows
-            .iter()
-            .map(|w| w.len() - 1 + usize::from(config.first_item_target && w.len() <= config.model.max_len))
-            .sum(),
+        training_targets: windows.iter().map(|w| Batch::targets_of(w, config.model.max_len, config.first_item_target)).sum(),
     };
     let validation_cases = split_cases(dataset, Split::Validation);
     let test_cases = split_cases(dataset, Split::Test);
@@ -278,7 +282,7 @@ pub fn train(dataset: &Dataset, config: &TrainConfig, out_dir: &Path) -> Result<
         let mut dropout_rng = DropoutRng::new(epoch_rng(config.seed, epoch, 2));
         let (mut loss_sum, mut targets_seen) = (0.0f64, 0usize);
         for chunk in &batches {
-            let batch_windows: Vec<&[u32]> = chunk.iter().map(|&i| windows[i]).collect();
+            let batch_windows: Vec<TrainWindow<'_>> = chunk.iter().map(|&i| windows[i]).collect();
             let batch = Batch::new(&batch_windows, config.model.max_len, config.first_item_target, &device)?;
             let hidden = model.forward(&batch.tokens, Some(&mut dropout_rng))?;
             let hidden = hidden.flatten_to(1)?.index_select(&batch.positions, 0)?;

@@ -40,6 +40,7 @@ pub struct SelfAttention {
     pub norm: LayerNorm,
     heads: usize,
     dropout: f64,
+    attention_dropout: f64,
 }
 
 impl SelfAttention {
@@ -61,6 +62,7 @@ impl SelfAttention {
             norm: LayerNorm::new(store, &format!("{prefix}.layer_norm"), d, cfg.layer_norm_eps)?,
             heads: cfg.num_heads,
             dropout: cfg.dropout,
+            attention_dropout: cfg.attention_dropout,
         })
     }
 
@@ -76,6 +78,7 @@ impl SelfAttention {
         let k = split_heads(linear(&flat, &self.key.0, &self.key.1)?)?;
         let v = split_heads(linear(&flat, &self.value.0, &self.value.1)?)?;
         let probs = crate::train::ops::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, first)?;
+        let probs = dropout(&probs, self.attention_dropout, rng)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch * len, d))?;
         let out = linear(&context, &self.output.0, &self.output.1)?.reshape((batch, len, d))?;
         self.norm.forward(&(dropout(&out, self.dropout, rng)? + x)?)
@@ -159,5 +162,49 @@ impl SasRec {
     /// Scores of every item (padding included) for hidden states `hidden` (N, D): (N, V+1).
     pub fn scores(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         hidden.matmul(&self.embedding.as_tensor().t()?)?.broadcast_add(self.output_bias.as_tensor())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelKind;
+    use crate::train::params::BuildFromParams;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    fn model(attention_dropout: f64) -> SasRec {
+        let config = LruRecConfig {
+            kind: ModelKind::SasRec,
+            num_items: 30,
+            embed_dim: 8,
+            num_heads: 2,
+            ffn_dim: 16,
+            init_std: 0.5,
+            dropout: 0.0,
+            attention_dropout,
+            max_len: 6,
+            ..LruRecConfig::default()
+        };
+        SasRec::init(&config, 3, &Device::Cpu).unwrap()
+    }
+
+    fn hidden(model: &SasRec, train: bool) -> Vec<f32> {
+        let tokens = Tensor::new(&[[0u32, 4, 9, 2, 17, 5], [3, 8, 1, 30, 12, 6]], &Device::Cpu).unwrap();
+        let mut rng = DropoutRng::new(rand::rngs::StdRng::seed_from_u64(11));
+        let out = model.forward(&tokens, if train { Some(&mut rng) } else { None }).unwrap();
+        out.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn attention_dropout_acts_in_training_only() {
+        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        // With every other dropout at 0, a training pass differs from evaluation only through the
+        // attention weights' dropout.
+        let plain = model(0.0);
+        assert!(max_diff(&hidden(&plain, true), &hidden(&plain, false)) < 1e-6);
+        let dropped = model(0.5);
+        assert!(max_diff(&hidden(&dropped, true), &hidden(&dropped, false)) > 1e-2, "attention dropout changed nothing");
+        assert!(max_diff(&hidden(&dropped, false), &hidden(&plain, false)) < 1e-6, "evaluation must not depend on it");
     }
 }
