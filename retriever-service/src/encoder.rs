@@ -78,6 +78,8 @@ struct Layer {
 enum Body {
     LruRec(Vec<Layer>),
     SasRec(SasEncoder),
+    /// Equal-weight members (see [`Encoder::ensemble`]); each reads its own embedding.
+    Ensemble(Vec<Encoder>),
 }
 
 /// Model weights laid out for the per-request path.
@@ -146,15 +148,80 @@ impl Encoder {
         })
     }
 
-    /// The model's hyper-parameters.
+    /// An equal-weight ensemble of `members` (at least one; the same catalog; none itself an
+    /// ensemble), scoring each item with the mean of the members' scores.
+    ///
+    /// The members' log-softmax outputs differ from their raw scores by a per-user constant, so
+    /// the mean raw score ranks items exactly as the mean log-probability does. And a sum of
+    /// dot products is one dot product of concatenations: the ensemble's query vector is the
+    /// members' query vectors side by side (each scaled by 1/K), its item embedding the members'
+    /// embeddings side by side, its bias the mean bias. Scoring, top-k and the int8 pass then run
+    /// unchanged on the wider vectors; only encoding runs once per member.
+    ///
+    /// The ensemble's [`Encoder::config`] is the first member's, except `embed_dim` (the width of
+    /// the concatenated query) and `max_len` (the longest member window; each member reads the
+    /// last `max_len` events of its own).
+    pub fn ensemble(members: Vec<Encoder>) -> Result<Self> {
+        let bad = |reason: String| Err(RetrieverError::Config(format!("ensemble: {reason}")));
+        let Some(first) = members.first() else { return bad("no member".into()) };
+        let num_items = first.config.num_items;
+        if let Some(m) = members.iter().find(|m| m.config.num_items != num_items) {
+            return bad(format!("members disagree on the catalog size ({num_items} and {} items)", m.config.num_items));
+        }
+        if members.iter().any(|m| matches!(m.body, Body::Ensemble(_))) {
+            return bad("a member is itself an ensemble".into());
+        }
+        let scale = 1.0 / members.len() as f32;
+        let width: usize = members.iter().map(|m| m.config.embed_dim).sum();
+        let vocab = first.config.vocab_size();
+        let mut embedding = Vec::with_capacity(vocab * width);
+        for item in 0..vocab {
+            for m in &members {
+                let d = m.config.embed_dim;
+                embedding.extend_from_slice(&m.embedding[item * d..(item + 1) * d]);
+            }
+        }
+        let output_bias = (0..vocab).map(|item| members.iter().map(|m| m.output_bias[item]).sum::<f32>() * scale).collect();
+        let config = LruRecConfig {
+            embed_dim: width,
+            max_len: members.iter().map(|m| m.config.max_len).max().unwrap_or(first.config.max_len),
+            ..first.config.clone()
+        };
+        Ok(Self { config, embedding, embed_norm: Norm { weight: Vec::new(), bias: Vec::new() }, body: Body::Ensemble(members), output_bias })
+    }
+
+    /// The members of an ensemble (empty for a single model).
+    pub fn members(&self) -> &[Encoder] {
+        match &self.body {
+            Body::Ensemble(members) => members,
+            _ => &[],
+        }
+    }
+
+    /// The model's hyper-parameters (an ensemble's: see [`Encoder::ensemble`]).
     pub fn config(&self) -> &LruRecConfig {
         &self.config
     }
 
     /// Whether a state can absorb more events ([`Encoder::extend`]); false for SASRec, whose
-    /// state after a longer history has to be encoded from the history.
+    /// state after a longer history has to be encoded from the history, and for an ensemble
+    /// with a SASRec member.
     pub fn is_recurrent(&self) -> bool {
-        matches!(self.body, Body::LruRec(_))
+        match &self.body {
+            Body::LruRec(_) => true,
+            Body::SasRec(_) => false,
+            // Members with different windows would drift apart from a fresh encoding once the
+            // shorter window slides: such an ensemble re-encodes.
+            Body::Ensemble(members) => {
+                members.iter().all(|m| m.is_recurrent() && m.config.max_len == self.config.max_len)
+            }
+        }
+    }
+
+    /// Appends a member's query vector, scaled by 1/K, to the ensemble's.
+    fn append_query(&self, query: &mut Vec<f32>, member: &[f32]) {
+        let scale = 1.0 / self.members().len() as f32;
+        query.extend(member.iter().map(|x| x * scale));
     }
 
     /// Item embedding, (V+1) rows of `embed_dim` values, row 0 = padding.
@@ -172,12 +239,27 @@ impl Encoder {
         match &self.body {
             Body::LruRec(layers) => UserState::empty(layers.len(), self.config.state_dim),
             Body::SasRec(_) => UserState::empty(0, 0),
+            Body::Ensemble(members) => {
+                UserState { hidden: members.iter().flat_map(|m| m.empty_state().hidden).collect(), output: Vec::new(), events: 0 }
+            }
         }
     }
 
     /// The state after `history` (oldest first, at most `max_len` events for SASRec), from
     /// scratch.
     pub fn encode(&self, history: &[u32]) -> Result<UserState> {
+        if let Body::Ensemble(members) = &self.body {
+            self.check_items(history)?;
+            let mut state = self.empty_state();
+            state.hidden.clear();
+            for m in members {
+                let part = m.encode(&history[history.len().saturating_sub(m.config.max_len)..])?;
+                state.hidden.extend(part.hidden);
+                self.append_query(&mut state.output, &part.output);
+            }
+            state.events = history.len();
+            return Ok(state);
+        }
         let mut state = self.empty_state();
         if !history.is_empty() {
             self.run(&mut state, history, false)?;
@@ -196,9 +278,26 @@ impl Encoder {
         if !self.is_recurrent() {
             return Err(RetrieverError::Config("a SASRec state cannot absorb events; encode the whole window".into()));
         }
-        if !events.is_empty() {
-            self.run(state, events, false)?;
+        if events.is_empty() {
+            return Ok(());
         }
+        if let Body::Ensemble(members) = &self.body {
+            // Every member is recurrent (checked above): each advances its own layers' states.
+            self.check_items(events)?;
+            let mut layers = std::mem::take(&mut state.hidden).into_iter();
+            let mut output = Vec::with_capacity(self.config.embed_dim);
+            for m in members {
+                let hidden = layers.by_ref().take(m.config.num_blocks).collect();
+                let mut part = UserState { hidden, output: Vec::new(), events: state.events };
+                m.extend(&mut part, events)?;
+                state.hidden.extend(part.hidden);
+                self.append_query(&mut output, &part.output);
+            }
+            state.output = output;
+            state.events += events.len();
+            return Ok(());
+        }
+        self.run(state, events, false)?;
         Ok(())
     }
 
@@ -233,6 +332,9 @@ impl Encoder {
     fn run(&self, state: &mut UserState, events: &[u32], all_rows: bool) -> Result<Vec<f32>> {
         self.check_items(events)?;
         let x = match &self.body {
+            Body::Ensemble(_) => {
+                return Err(RetrieverError::Config("an ensemble has no hidden states of its own; ask its members".into()))
+            }
             Body::LruRec(layers) => self.run_lru(layers, state, events, all_rows),
             Body::SasRec(sas) => {
                 if events.len() > self.config.max_len {
@@ -404,5 +506,80 @@ pub(crate) mod tests {
         tensors.insert("output.bias".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
         let err = Encoder::new(&model.config, &tensors).err().unwrap().to_string();
         assert!(err.contains("output.bias"), "{err}");
+    }
+
+    fn small_sasrec(seed: u64, num_items: usize) -> Encoder {
+        use crate::train::sasrec::SasRec;
+        let config = LruRecConfig {
+            kind: ModelKind::SasRec,
+            num_items,
+            embed_dim: 8,
+            num_heads: 2,
+            ffn_dim: 16,
+            init_std: 0.5,
+            dropout: 0.0,
+            max_len: 10,
+            ..LruRecConfig::default()
+        };
+        let model = SasRec::init(&config, seed, &Device::Cpu).unwrap();
+        let tensors = model.params().iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
+        Encoder::new(&config, &tensors).unwrap()
+    }
+
+    fn lru_encoder(seed: u64) -> Encoder {
+        let model = small_model(seed);
+        Encoder::new(&model.config, &model.tensors()).unwrap()
+    }
+
+    #[test]
+    fn an_ensemble_scores_every_item_with_the_mean_of_its_members_scores() {
+        let members = vec![lru_encoder(1), lru_encoder(2), small_sasrec(3, 50)];
+        let history: Vec<u32> = (0..30).map(|i| 1 + (i * 7) % 50).collect();
+        // Each member reads its own window: the SASRec member only the last 10 events.
+        let each: Vec<Vec<f32>> = members
+            .iter()
+            .map(|m| m.all_scores(&m.encode(&history[history.len().saturating_sub(m.config().max_len)..]).unwrap()))
+            .collect();
+        let ensemble = Encoder::ensemble(members).unwrap();
+        assert_eq!(ensemble.config().embed_dim, 16 + 16 + 8);
+        assert_eq!(ensemble.config().max_len, 64);
+        let state = ensemble.encode(&history).unwrap();
+        assert_eq!(state.events, 30);
+        let scores = ensemble.all_scores(&state);
+        for item in 1..=50 {
+            let mean = each.iter().map(|s| s[item]).sum::<f32>() / 3.0;
+            assert!((scores[item] - mean).abs() < 1e-4, "item {item}: {} vs the members' mean {mean}", scores[item]);
+        }
+        // A SASRec member has no recurrence: the ensemble re-encodes.
+        assert!(!ensemble.is_recurrent());
+        let mut s = state.clone();
+        assert!(ensemble.push(&mut s, 4).is_err());
+        assert!(ensemble.encode(&[]).unwrap().is_empty());
+        assert!(matches!(ensemble.encode(&[51]), Err(RetrieverError::UnknownItem { index: 51, .. })));
+        assert!(ensemble.hidden_states(&history).is_err());
+    }
+
+    #[test]
+    fn an_ensemble_of_recurrent_members_absorbs_one_more_event_like_a_fresh_encoding() {
+        let ensemble = Encoder::ensemble(vec![lru_encoder(4), lru_encoder(5)]).unwrap();
+        assert!(ensemble.is_recurrent());
+        let history: Vec<u32> = (0..25).map(|i| 1 + (i * 11) % 50).collect();
+        let mut state = ensemble.encode(&history[..24]).unwrap();
+        ensemble.push(&mut state, history[24]).unwrap();
+        let fresh = ensemble.encode(&history).unwrap();
+        assert_eq!(state.events, 25);
+        assert_eq!(state.hidden.len(), 4, "two layers per member");
+        let (a, b) = (ensemble.all_scores(&state), ensemble.all_scores(&fresh));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4, "max abs score diff {diff}");
+    }
+
+    #[test]
+    fn ensembles_of_other_catalogs_or_of_ensembles_or_of_nothing_are_refused() {
+        assert!(Encoder::ensemble(vec![]).is_err());
+        let err = Encoder::ensemble(vec![lru_encoder(1), small_sasrec(2, 40)]).err().unwrap().to_string();
+        assert!(err.contains("catalog size"), "{err}");
+        let inner = Encoder::ensemble(vec![lru_encoder(1)]).unwrap();
+        assert!(Encoder::ensemble(vec![inner, lru_encoder(2)]).is_err());
     }
 }

@@ -12,7 +12,8 @@
 //!   by step into a per-user [`state::UserState`] (SASRec: re-encodes the window,
 //!   [`sasrec_encoder`]); [`topk`] scores the catalog in blocks with a
 //!   bounded heap (with an int8 pass and exact re-scoring for large catalogs, [`quantized`]);
-//!   [`retriever::Retriever`] ties them to a checkpoint.
+//!   [`retriever::Retriever`] ties them to a checkpoint, or to an [`ensemble`] of checkpoints
+//!   (members' scores averaged).
 //! - Serving over gRPC: [`service`] (the `llamarec.v1.Retriever` handlers), [`server`] (start-up,
 //!   health, drain, SIGHUP), [`reload`] (the served model's atomic swap), configured by the `[retriever]` section ([`service_config`]).
 
@@ -20,6 +21,7 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+pub mod ensemble;
 pub mod error;
 pub mod kernels;
 pub mod quantized;

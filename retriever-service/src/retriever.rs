@@ -53,8 +53,13 @@ pub struct Retriever {
 }
 
 impl Retriever {
-    /// Loads the checkpoint directory `dir`.
+    /// Loads the checkpoint directory `dir` (a single model, or an ensemble's manifest and
+    /// members: [`crate::ensemble`]).
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::ensemble::is_ensemble(dir) {
+            let (encoder, catalog) = crate::ensemble::load(dir)?;
+            return Ok(Self::new(encoder, catalog));
+        }
         let checkpoint = Checkpoint::load(dir)?;
         Ok(Self::new(Encoder::new(&checkpoint.config, &checkpoint.tensors)?, checkpoint.catalog))
     }

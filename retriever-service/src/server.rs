@@ -1,6 +1,7 @@
 //! Builds the retriever service from configuration and serves it.
 
-use crate::checkpoint::{MODEL_FILE, REPORT_FILE};
+use crate::checkpoint::{read_json, CONFIG_FILE, REPORT_FILE};
+use crate::config::{LruRecConfig, ModelKind};
 use crate::reload::{publish_model_info, Configured, LoadedModel, Reloader};
 use crate::retriever::Retriever;
 use crate::service::{ModelInfo, RetrieverService};
@@ -19,11 +20,24 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 
-/// Name, content hash (first 12 hex digits of the SHA-256 of `model.safetensors`) and `label`.
+/// Name (the model family: "lrurec", "sasrec", or "ensemble"), content hash (first 12 hex digits
+/// of the SHA-256 of `model.safetensors`; for an ensemble, of its manifest and every member's
+/// weights in order) and `label`.
 pub fn model_version(checkpoint: &Path, label: &str) -> anyhow::Result<ModelVersion> {
-    let path = checkpoint.join(MODEL_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(ModelVersion { name: "lrurec".into(), version: hex::encode(&Sha256::digest(&bytes)[..6]), label: label.to_string() })
+    let mut hasher = Sha256::new();
+    for path in crate::ensemble::weight_files(checkpoint)? {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        hasher.update(&bytes);
+    }
+    let name = if crate::ensemble::is_ensemble(checkpoint) {
+        "ensemble"
+    } else {
+        match read_json::<LruRecConfig>(&checkpoint.join(CONFIG_FILE))?.kind {
+            ModelKind::LruRec => "lrurec",
+            ModelKind::SasRec => "sasrec",
+        }
+    };
+    Ok(ModelVersion { name: name.into(), version: hex::encode(&hasher.finalize()[..6]), label: label.to_string() })
 }
 
 /// The data set named in the checkpoint's `report.json` ("unknown" without one).

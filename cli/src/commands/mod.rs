@@ -24,5 +24,6 @@ pub mod serve;
 pub mod split;
 pub mod traffic;
 pub mod train;
+pub mod train_ensemble;
 pub mod train_ranker;
 pub mod up;

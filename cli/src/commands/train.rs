@@ -31,6 +31,14 @@ pub struct RetrieverTrainArgs {
     /// candidates are chosen on validation, and test is read once per shipped candidate.
     #[arg(long)]
     show_test: bool,
+    /// Train one member per seed (comma-separated) with the same recipe into OUT/seed-<seed>
+    /// and serve them as an equal-weight ensemble (OUT/ensemble.json): the members' scores are
+    /// averaged. Members run side by side as child processes, each with a log in its directory.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    seeds: Vec<u64>,
+    /// Members trained at the same time (default: one per core).
+    #[arg(long, requires = "seeds")]
+    parallel: Option<usize>,
 }
 
 pub fn run(layers: &ConfigLayers, cmd: TrainCommand) -> Result<()> {
@@ -48,11 +56,30 @@ fn retriever(layers: &ConfigLayers, args: RetrieverTrainArgs) -> Result<()> {
     let out = args.out.unwrap_or(config.checkpoint);
     let mut recipe = config.train;
     recipe.resume = recipe.resume && !args.fresh;
+    if !args.seeds.is_empty() {
+        let parallel = args.parallel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let report = super::train_ensemble::train(layers, &dataset, &recipe, &out, &args.seeds, parallel, args.fresh)?;
+        super::train_ensemble::print_report(&report, &out, args.show_test);
+        eprintln!("wrote {}", out.display());
+        return Ok(());
+    }
     let kind = match recipe.model.kind {
         retriever_service::ModelKind::LruRec => "LRURec",
         retriever_service::ModelKind::SasRec => "SASRec",
     };
-    eprintln!("training {kind} on {} ({} users, {} items) into {}", dataset.name, dataset.users.len(), dataset.num_items(), out.display());
+    if recipe.compute_threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle reads this on every operation (and rayon when its pool starts, which has not
+        // happened yet): the training step's kernels run on `compute_threads` threads.
+        std::env::set_var("RAYON_NUM_THREADS", recipe.compute_threads.to_string());
+    }
+    eprintln!(
+        "training {kind} on {} ({} users, {} items) into {} ({} compute thread(s))",
+        dataset.name,
+        dataset.users.len(),
+        dataset.num_items(),
+        out.display(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "one per core".into())
+    );
     let report = retriever_service::train(&dataset, &recipe, &out).with_context(|| format!("training into {}", out.display()))?;
     println!(
         "best epoch {} of {}: {:.0} s to best, {:.0} s in all",

@@ -75,6 +75,13 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Threads for validation and test scoring.
     pub eval_threads: usize,
+    /// Threads of the training step's kernels (candle's CPU ops and matrix products read
+    /// `RAYON_NUM_THREADS`; `llamarec train retriever` sets it from this unless it is already
+    /// set); 0 = one per core. 1 by default: the products of this model are small (≤ 64 × 256
+    /// weights), and on the 2-vCPU machines a second thread's fork/join per operation cost more
+    /// than it gave (an epoch took 10–12 % longer with two; BENCHMARKS.md "Retriever training
+    /// threads"). The other core is better spent on a second run (another seed).
+    pub compute_threads: usize,
     /// Stop (keeping the best checkpoint) once this much wall time has been spent.
     pub time_limit_s: Option<f64>,
     /// Continue from `trainer_state.json` when the output directory has one.
@@ -98,6 +105,7 @@ impl Default for TrainConfig {
             first_item_target: true,
             group_by_length: false,
             eval_threads: 2,
+            compute_threads: 1,
             time_limit_s: None,
             resume: true,
             progress: true,

@@ -1,0 +1,105 @@
+//! A retriever ensemble end to end on the real ML-100K data: `llamarec train retriever --seeds`
+//! trains two SASRec members side by side (child processes, two epochs each to stay quick),
+//! writes the manifest and the ensemble's report; the real `retriever-service` binary serves
+//! the directory over gRPC, and each item's score is the mean of what the members, served on
+//! their own, score it.
+
+use llamarec_proto::v1::retriever_client::RetrieverClient;
+use llamarec_proto::v1::{InfoRequest, RetrieveRequest};
+use llamarec_tests::{binary, free_port, repo_root, wait_serving, Process};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// A two-epoch SASRec recipe (the overrides of retriever-service/training/sasrec-d03-h2).
+const RECIPE: [(&str, &str); 6] = [
+    ("LLAMAREC_RETRIEVER__TRAIN__MODEL__KIND", "sasrec"),
+    ("LLAMAREC_RETRIEVER__TRAIN__MODEL__MAX_LEN", "50"),
+    ("LLAMAREC_RETRIEVER__TRAIN__MODEL__NUM_HEADS", "2"),
+    ("LLAMAREC_RETRIEVER__TRAIN__FIRST_ITEM_TARGET", "false"),
+    ("LLAMAREC_RETRIEVER__TRAIN__GROUP_BY_LENGTH", "true"),
+    ("LLAMAREC_RETRIEVER__TRAIN__MAX_EPOCHS", "2"),
+];
+
+async fn serve(checkpoint: &Path, dir: &Path, name: &str) -> (Process, RetrieverClient<tonic::transport::Channel>) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("[telemetry]\nlog_level = \"warn\"\n\n[retriever]\nlisten = \"{addr}\"\ncheckpoint = \"{}\"\nmax_k = 100\n", checkpoint.display()),
+    )
+    .unwrap();
+    let process = Process::start(name, &binary("retriever-service"), &["--config", config.to_str().unwrap()], &[]);
+    wait_serving(&addr, Duration::from_secs(60)).await.unwrap();
+    (process, RetrieverClient::connect(format!("http://{addr}")).await.unwrap())
+}
+
+async fn scores(client: &mut RetrieverClient<tonic::transport::Channel>, history: &[&str]) -> HashMap<String, f32> {
+    let request = RetrieveRequest { history: history.iter().map(|s| s.to_string()).collect(), k: 100, exclude_history: true, ..Default::default() };
+    let response = client.retrieve(request).await.unwrap().into_inner();
+    assert_eq!(response.items.len(), 100);
+    response.items.into_iter().map(|i| (i.item_id, i.score)).collect()
+}
+
+#[tokio::test]
+async fn seeds_train_side_by_side_and_the_ensemble_serves_the_members_mean_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ensemble");
+    let run = Command::new(binary("llamarec"))
+        .current_dir(repo_root())
+        .args(["train", "retriever", "--seeds", "1,2", "--out"])
+        .arg(&out)
+        .envs(RECIPE)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    // Progress from both members while they ran, then the ensemble's validation table.
+    for seed in [1, 2] {
+        assert!(stderr.contains(&format!("seed {seed}: epoch   2")), "no progress line for seed {seed}: {stderr}");
+        assert!(out.join(format!("seed-{seed}/train.log")).is_file());
+    }
+    assert!(String::from_utf8_lossy(&run.stdout).contains("ensemble of 2"));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ensemble.json")).unwrap()).unwrap();
+    assert_eq!(manifest["members"], serde_json::json!(["seed-1", "seed-2"]));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["members"].as_array().unwrap().len(), 2);
+    assert_eq!(report["data"]["users"], 943);
+    let (val, test) = (report["validation"]["users"].as_u64(), report["test"]["users"].as_u64());
+    assert_eq!((val, test), (Some(943), Some(943)), "the ensemble is evaluated on every user");
+
+    let (_e, mut ensemble) = serve(&out, dir.path(), "ensemble").await;
+    let (_a, mut first) = serve(&out.join("seed-1"), dir.path(), "seed-1").await;
+    let (_b, mut second) = serve(&out.join("seed-2"), dir.path(), "seed-2").await;
+    let info = ensemble.info(InfoRequest {}).await.unwrap().into_inner();
+    let model = info.model.unwrap();
+    assert_eq!((model.name.as_str(), info.embedding_dim), ("ensemble", 128), "two 64-wide members side by side");
+    let member = first.info(InfoRequest {}).await.unwrap().into_inner().model.unwrap();
+    assert_eq!(member.name, "sasrec");
+    assert_ne!(member.version, model.version);
+
+    // User 1's first ratings (external ids).
+    let history = ["1", "50", "181", "258", "100", "127", "174", "7", "98", "56", "172", "121"];
+    let (mean, a, b) = (scores(&mut ensemble, &history).await, scores(&mut first, &history).await, scores(&mut second, &history).await);
+    let mut compared = 0;
+    for (item, score) in &mean {
+        if let (Some(x), Some(y)) = (a.get(item), b.get(item)) {
+            assert!((score - (x + y) / 2.0).abs() < 1e-3, "item {item}: ensemble {score}, members {x} and {y}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 20, "the members' top 100 share only {compared} items with the ensemble's");
+    assert!(mean.keys().all(|item| !history.contains(&item.as_str())));
+
+    // A manifest that points outside its directory is refused at start, by name.
+    std::fs::write(out.join("ensemble.json"), r#"{"members": ["seed-1", "../elsewhere"]}"#).unwrap();
+    let refused = Command::new(binary("llamarec"))
+        .current_dir(repo_root())
+        .args(["eval", "--stage", "retriever", "--split", "validation"])
+        .env("LLAMAREC_RETRIEVER__CHECKPOINT", &out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && text.contains("../elsewhere") && text.contains("relative path inside"), "{text}");
+}
