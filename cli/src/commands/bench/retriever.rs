@@ -10,12 +10,13 @@ use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::RetrieveRequest;
-use retriever_service::checkpoint::{read_json, REPORT_FILE};
+use retriever_service::checkpoint::{read_json, CONFIG_FILE, REPORT_FILE};
+use retriever_service::ensemble::{self, EnsembleReport};
 use retriever_service::train::sequence_model::SequenceModel;
 use retriever_service::service_config::RetrieverServiceConfig;
 use retriever_service::{Catalog, CatalogItem, Encoder, LruRecConfig, Retriever, TrainReport};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -45,21 +46,8 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     let dataset = Dataset::load(&data, &assets.dir)?;
     let histories: Vec<Vec<u32>> = dataset.eval_examples(Split::Test).map(|e| e.history.to_vec()).collect();
 
-    let report: TrainReport = read_json(&config.checkpoint.join(REPORT_FILE)).context("reading the checkpoint's training report")?;
-    let model = report.config.model.clone();
-    let training = json!({
-        "checkpoint": config.checkpoint.display().to_string(),
-        "model": model,
-        "best_epoch": report.best_epoch,
-        "epochs": report.epochs,
-        "time_to_best_s": report.time_to_best_s,
-        "wall_time_s": report.wall_time_s,
-        "validation_recall_at_10": report.validation.get(10).recall,
-        "test_recall_at_10": report.test.get(10).recall,
-        "test_ndcg_at_10": report.test.get(10).ndcg,
-        "test_recall_at_20": report.test.get(20).recall,
-    });
-    eprintln!("training: best epoch {} of {}, {:.0} s to best", report.best_epoch, report.epochs, report.time_to_best_s);
+    let (training, shapes) = training_summary(&config.checkpoint)?;
+    eprintln!("training: {}", training);
 
     // Each series side by side: every Retrieve recomputing the state (a new user, or a history
     // whose 200-event window slid) and returning users (state cache primed with every history).
@@ -74,7 +62,7 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
 
     let sizes = args.sizes.clone();
     let size_requests = args.size_requests;
-    let scaling = tokio::task::spawn_blocking(move || catalog_series(&model, &sizes, size_requests, k)).await??;
+    let scaling = tokio::task::spawn_blocking(move || catalog_series(&shapes, &sizes, size_requests, k)).await??;
 
     let machine = json!({
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -162,30 +150,74 @@ async fn grpc_series(mut config: RetrieverServiceConfig, dataset: &Dataset, hist
     Ok(lat)
 }
 
-/// A retriever over `n` items with random weights (embeddings N(0, 0.02²) like the
+/// The checkpoint's training figures for the JSON, and the shapes of the models it serves (one,
+/// or an ensemble's members).
+fn training_summary(checkpoint: &Path) -> Result<(Value, Vec<LruRecConfig>)> {
+    if ensemble::is_ensemble(checkpoint) {
+        let report: EnsembleReport = read_json(&checkpoint.join(REPORT_FILE)).context("reading the ensemble's report")?;
+        let shapes = ensemble::member_dirs(checkpoint)?
+            .iter()
+            .map(|dir| read_json::<LruRecConfig>(&dir.join(CONFIG_FILE)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let training = json!({
+            "checkpoint": checkpoint.display().to_string(),
+            "ensemble_of": shapes.len(),
+            "models": shapes,
+            "parallel": report.parallel,
+            "wall_time_s": report.wall_time_s,
+            "validation_recall_at_10": report.validation.get(10).recall,
+            "test_recall_at_10": report.test.get(10).recall,
+            "test_ndcg_at_10": report.test.get(10).ndcg,
+            "test_recall_at_20": report.test.get(20).recall,
+        });
+        return Ok((training, shapes));
+    }
+    let report: TrainReport = read_json(&checkpoint.join(REPORT_FILE)).context("reading the checkpoint's training report")?;
+    let training = json!({
+        "checkpoint": checkpoint.display().to_string(),
+        "model": report.config.model,
+        "best_epoch": report.best_epoch,
+        "epochs": report.epochs,
+        "time_to_best_s": report.time_to_best_s,
+        "wall_time_s": report.wall_time_s,
+        "validation_recall_at_10": report.validation.get(10).recall,
+        "test_recall_at_10": report.test.get(10).recall,
+        "test_ndcg_at_10": report.test.get(10).ndcg,
+        "test_recall_at_20": report.test.get(20).recall,
+    });
+    Ok((training, vec![report.config.model]))
+}
+
+/// An encoder over `n` items with random weights (embeddings N(0, 0.02²) like the
 /// initialisation) and the shape of `model` (the served checkpoint's family, width and window),
 /// built without materialising a trainable model of that size.
-fn random_retriever(model: &LruRecConfig, n: usize) -> Result<Retriever> {
+fn random_encoder(model: &LruRecConfig, n: usize, seed: u64) -> Result<Encoder> {
     let small = LruRecConfig { num_items: 16, ..model.clone() };
-    let mut tensors = SequenceModel::init(&small, 7, &Device::Cpu)?.tensors();
+    let mut tensors = SequenceModel::init(&small, seed, &Device::Cpu)?.tensors();
     let config = LruRecConfig { num_items: n, ..model.clone() };
     tensors.insert("embedding.token.weight".into(), Tensor::randn(0f32, 0.02, (n + 1, config.embed_dim), &Device::Cpu)?);
     tensors.insert("output.bias".into(), Tensor::randn(0f32, 0.02, n + 1, &Device::Cpu)?);
-    let encoder = Encoder::new(&config, &tensors)?;
-    drop(tensors);
+    Ok(Encoder::new(&config, &tensors)?)
+}
+
+/// A retriever over `n` items with random models of the served `shapes` (an ensemble of them
+/// when there are several).
+fn random_retriever(shapes: &[LruRecConfig], n: usize) -> Result<Retriever> {
+    let mut members = shapes.iter().zip(7..).map(|(shape, seed)| random_encoder(shape, n, seed)).collect::<Result<Vec<_>>>()?;
+    let encoder = if members.len() == 1 { members.remove(0) } else { Encoder::ensemble(members)? };
     let items = (0..=n).map(|i| CatalogItem { id: i.to_string(), title: String::new(), train_count: 0 }).collect();
     Ok(Retriever::new(encoder, Catalog::new(items)))
 }
 
-fn catalog_series(model: &LruRecConfig, sizes: &[usize], requests: usize, k: usize) -> Result<Vec<Value>> {
+fn catalog_series(shapes: &[LruRecConfig], sizes: &[usize], requests: usize, k: usize) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for &n in sizes {
-        let retriever = random_retriever(model, n)?;
+        let retriever = random_retriever(shapes, n)?;
         let quantized = n >= retriever_service::retriever::QUANTIZED_SCORING_MIN_ITEMS;
         let requests = if n >= 1_000_000 { (requests / 4).max(1) } else { requests };
         let mut variants = vec![(if quantized { "int8 scan + exact f32 re-scoring" } else { "f32" }, retriever)];
         if quantized {
-            variants.push(("f32", random_retriever(model, n)?.with_quantized_scoring(false)));
+            variants.push(("f32", random_retriever(shapes, n)?.with_quantized_scoring(false)));
         }
         for (scoring, retriever) in variants {
             let history: Vec<u32> = (0..200u32).map(|i| (i.wrapping_mul(7919) as usize % n) as u32 + 1).collect();
