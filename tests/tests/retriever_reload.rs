@@ -352,3 +352,35 @@ async fn sighup_reloads_the_configured_checkpoint_and_label() {
     let response = retriever.reload(Path::new(""), "", Some(ADMIN_TOKEN)).await.unwrap();
     assert_eq!((response.current, response.checkpoint), (Some(new), next.display().to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_in_an_ensemble_refuses_a_broken_one_and_swaps_back() {
+    let retriever = start(true, "", None).await;
+    let shipped = retriever.version().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ensemble = dir.path().join("ensemble");
+    other_model(&ensemble, "a", 0.37);
+    other_model(&ensemble, "b", 0.61);
+    std::fs::write(ensemble.join("ensemble.json"), r#"{"members": ["a", "b"]}"#).unwrap();
+
+    let swapped = retriever.reload(&ensemble, "two-seeds", Some(ADMIN_TOKEN)).await.unwrap();
+    let current = swapped.current.unwrap();
+    assert_eq!((current.name.as_str(), current.label.as_str()), ("ensemble", "two-seeds"));
+    let info = retriever.client().await.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.model, info.embedding_dim, info.num_items), (Some(current.clone()), 128, 1349));
+    let answer = retriever.client().await.retrieve(retrieve(history(5))).await.unwrap().into_inner();
+    assert_eq!((answer.items.len(), answer.model), (20, Some(current.clone())));
+
+    // A manifest naming a member that is not there: refused, the ensemble keeps serving.
+    let broken = dir.path().join("broken");
+    other_model(&broken, "a", 0.37);
+    std::fs::write(broken.join("ensemble.json"), r#"{"members": ["a", "gone"]}"#).unwrap();
+    let status = retriever.reload(&broken, "", Some(ADMIN_TOKEN)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+    assert!(status.message().contains("gone") && status.message().contains("the previous model keeps serving"), "{}", status.message());
+    assert_eq!(retriever.version().await, current);
+
+    // Back to the single model: the version it started with.
+    let back = retriever.reload(&repo_root().join(SHIPPED), "", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(back.current.unwrap(), shipped);
+}
