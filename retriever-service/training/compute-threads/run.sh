@@ -15,10 +15,8 @@ bin="${LLAMAREC:-./target/release/llamarec}"
 epochs="${EPOCHS:-4}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-export LLAMAREC_RETRIEVER__TRAIN__MODEL__KIND=sasrec LLAMAREC_RETRIEVER__TRAIN__MODEL__MAX_LEN=50 \
-  LLAMAREC_RETRIEVER__TRAIN__MODEL__NUM_HEADS=2 LLAMAREC_RETRIEVER__TRAIN__MODEL__DROPOUT=0.3 \
-  LLAMAREC_RETRIEVER__TRAIN__FIRST_ITEM_TARGET=false LLAMAREC_RETRIEVER__TRAIN__GROUP_BY_LENGTH=true \
-  LLAMAREC_RETRIEVER__TRAIN__MAX_EPOCHS="$epochs" LLAMAREC_RETRIEVER__TRAIN__PROGRESS=false
+source retriever-service/training/sasrec-d03-h2/recipe.sh
+export LLAMAREC_RETRIEVER__TRAIN__MAX_EPOCHS="$epochs" LLAMAREC_RETRIEVER__TRAIN__PROGRESS=false
 run() { # name threads seed eval_threads
   LLAMAREC_RETRIEVER__TRAIN__COMPUTE_THREADS="$2" LLAMAREC_RETRIEVER__TRAIN__SEED="$3" \
   LLAMAREC_RETRIEVER__TRAIN__EVAL_THREADS="$4" "$bin" train retriever --out "$tmp/$1-$3" --fresh >"$tmp/$1-$3.log" 2>&1

@@ -12,11 +12,6 @@ here=retriever-service/training/sasrec-d03-h2
 bin="${LLAMAREC:-./target/release/llamarec}"
 seeds="${SEEDS:-1,2,3,4}"
 out="${OUT:-runs/sasrec-d03-h2-ens}"
-LLAMAREC_RETRIEVER__TRAIN__MODEL__KIND=sasrec \
-LLAMAREC_RETRIEVER__TRAIN__MODEL__MAX_LEN=50 \
-LLAMAREC_RETRIEVER__TRAIN__MODEL__NUM_HEADS=2 \
-LLAMAREC_RETRIEVER__TRAIN__MODEL__DROPOUT=0.3 \
-LLAMAREC_RETRIEVER__TRAIN__FIRST_ITEM_TARGET=false \
-LLAMAREC_RETRIEVER__TRAIN__GROUP_BY_LENGTH=true \
-  "$bin" train retriever --out "$out" --seeds "$seeds" ${FRESH:+--fresh} >"$here/ensemble-${seeds//,/-}.log" 2>&1
+source "$here/recipe.sh"
+"$bin" train retriever --out "$out" --seeds "$seeds" ${FRESH:+--fresh} >"$here/ensemble-${seeds//,/-}.log" 2>&1
 cp "$out/report.json" "$here/ensemble-${seeds//,/-}.report.json"

@@ -11,18 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 here=retriever-service/training/sasrec-d03-h2
 bin="${LLAMAREC:-./target/release/llamarec}"
+source "$here/recipe.sh"
 for seed in ${SEEDS:-42 7 1234}; do
   log="$here/seed-$seed.log"
   if [[ "${FRESH:-0}" != 1 && -f "$log" ]] && grep -q "best epoch" "$log"; then
     echo "seed $seed: done ($log)"; continue
   fi
   echo "seed $seed: training -> runs/sasrec-d03-h2-s$seed ($(date -u +%H:%M:%S))"
-  LLAMAREC_RETRIEVER__TRAIN__MODEL__KIND=sasrec \
-  LLAMAREC_RETRIEVER__TRAIN__MODEL__MAX_LEN=50 \
-  LLAMAREC_RETRIEVER__TRAIN__MODEL__NUM_HEADS=2 \
-  LLAMAREC_RETRIEVER__TRAIN__MODEL__DROPOUT=0.3 \
-  LLAMAREC_RETRIEVER__TRAIN__FIRST_ITEM_TARGET=false \
-  LLAMAREC_RETRIEVER__TRAIN__GROUP_BY_LENGTH=true \
   LLAMAREC_RETRIEVER__TRAIN__SEED="$seed" \
     "$bin" train retriever --out "runs/sasrec-d03-h2-s$seed" --fresh >"$log" 2>&1
 done
