@@ -23,6 +23,12 @@ fn log_softmax(scores: &mut [f32]) {
     scores.iter_mut().for_each(|s| *s -= lse);
 }
 
+/// R@10, N@10, R@20, R@50 and R@100 as table cells.
+fn row(r: &llamarec_common::ranking_metrics::MetricReport) -> String {
+    let cells = [r.get(10).recall, r.get(10).ndcg, r.get(20).recall, r.get(50).recall, r.get(100).recall];
+    cells.iter().map(|v| format!("{v:>7.4}")).collect::<Vec<_>>().join(" ")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dirs: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
     if dirs.len() < 2 {
@@ -61,16 +67,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
                 acc.add(Some(rank_of_target(&mixed, case.target, case.history)));
             }
-            let r = acc.report();
             let name = if member < encoders.len() { format!("{}", (b'A' + member as u8) as char) } else { "mean".into() };
-            println!(
-                "{name:>8} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}",
-                r.get(10).recall,
-                r.get(10).ndcg,
-                r.get(20).recall,
-                r.get(50).recall,
-                r.get(100).recall
-            );
+            println!("{name:>8} {}", row(&acc.report()));
         }
         return Ok(());
     }
@@ -83,15 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mixed: Vec<f32> = a.iter().zip(b).map(|(x, y)| w * x + (1.0 - w) * y).collect();
             acc.add(Some(rank_of_target(&mixed, case.target, case.history)));
         }
-        let r = acc.report();
-        println!(
-            "{w:>5.1} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>7.4}",
-            r.get(10).recall,
-            r.get(10).ndcg,
-            r.get(20).recall,
-            r.get(50).recall,
-            r.get(100).recall
-        );
+        println!("{w:>5.1} {}", row(&acc.report()));
     }
     Ok(())
 }

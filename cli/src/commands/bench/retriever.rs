@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use llamarec_common::config::{AssetsConfig, ConfigLayers};
 use llamarec_common::data::{DataConfig, Dataset, Split};
+use llamarec_common::ranking_metrics::MetricReport;
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::RetrieveRequest;
 use retriever_service::checkpoint::{read_json, CONFIG_FILE, REPORT_FILE};
@@ -159,33 +160,33 @@ fn training_summary(checkpoint: &Path) -> Result<(Value, Vec<LruRecConfig>)> {
             .iter()
             .map(|dir| read_json::<LruRecConfig>(&dir.join(CONFIG_FILE)))
             .collect::<Result<Vec<_>, _>>()?;
-        let training = json!({
-            "checkpoint": checkpoint.display().to_string(),
-            "ensemble_of": shapes.len(),
-            "models": shapes,
-            "parallel": report.parallel,
-            "wall_time_s": report.wall_time_s,
-            "validation_recall_at_10": report.validation.get(10).recall,
-            "test_recall_at_10": report.test.get(10).recall,
-            "test_ndcg_at_10": report.test.get(10).ndcg,
-            "test_recall_at_20": report.test.get(20).recall,
-        });
+        let mut training = quality(&report.validation, &report.test);
+        training["ensemble_of"] = json!(shapes.len());
+        training["models"] = json!(shapes);
+        training["parallel"] = json!(report.parallel);
+        training["wall_time_s"] = json!(report.wall_time_s);
+        training["checkpoint"] = json!(checkpoint.display().to_string());
         return Ok((training, shapes));
     }
     let report: TrainReport = read_json(&checkpoint.join(REPORT_FILE)).context("reading the checkpoint's training report")?;
-    let training = json!({
-        "checkpoint": checkpoint.display().to_string(),
-        "model": report.config.model,
-        "best_epoch": report.best_epoch,
-        "epochs": report.epochs,
-        "time_to_best_s": report.time_to_best_s,
-        "wall_time_s": report.wall_time_s,
-        "validation_recall_at_10": report.validation.get(10).recall,
-        "test_recall_at_10": report.test.get(10).recall,
-        "test_ndcg_at_10": report.test.get(10).ndcg,
-        "test_recall_at_20": report.test.get(20).recall,
-    });
+    let mut training = quality(&report.validation, &report.test);
+    training["checkpoint"] = json!(checkpoint.display().to_string());
+    training["model"] = json!(report.config.model);
+    training["best_epoch"] = json!(report.best_epoch);
+    training["epochs"] = json!(report.epochs);
+    training["time_to_best_s"] = json!(report.time_to_best_s);
+    training["wall_time_s"] = json!(report.wall_time_s);
     Ok((training, vec![report.config.model]))
+}
+
+/// The headline quality figures a checkpoint's report recorded.
+fn quality(validation: &MetricReport, test: &MetricReport) -> Value {
+    json!({
+        "validation_recall_at_10": validation.get(10).recall,
+        "test_recall_at_10": test.get(10).recall,
+        "test_ndcg_at_10": test.get(10).ndcg,
+        "test_recall_at_20": test.get(20).recall,
+    })
 }
 
 /// An encoder over `n` items with random weights (embeddings N(0, 0.02²) like the
