@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Which pipeline to evaluate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
-    /// LRURec alone, full ranking with history masked.
+    /// The retriever alone (LRURec, SASRec or an ensemble), full ranking with history masked.
     Retriever,
     /// Retriever top-N re-ordered by the LLM ranker (fused as configured).
     TwoStage,
