@@ -103,3 +103,29 @@ async fn seeds_train_side_by_side_and_the_ensemble_serves_the_members_mean_score
     let text = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && text.contains("../elsewhere") && text.contains("relative path inside"), "{text}");
 }
+
+#[test]
+fn a_failing_member_fails_the_run_by_name_and_stops_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ensemble");
+    // Seed 2 would resume from a damaged trainer state; seed 1 trains normally until stopped.
+    std::fs::create_dir_all(out.join("seed-2")).unwrap();
+    std::fs::write(out.join("seed-2/trainer_state.json"), "garbage").unwrap();
+    std::fs::write(out.join("seed-2/last.safetensors"), "garbage").unwrap();
+    let run = Command::new(binary("llamarec"))
+        .current_dir(repo_root())
+        .args(["train", "retriever", "--seeds", "1,2", "--out"])
+        .arg(&out)
+        .envs(RECIPE)
+        .env("LLAMAREC_RETRIEVER__TRAIN__MAX_EPOCHS", "20")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(stderr.contains("member seed 2 failed") && stderr.contains("trainer_state.json"), "{stderr}");
+    assert!(!out.join("ensemble.json").exists(), "no manifest for a failed ensemble");
+    // Seed 1 was stopped at once: a member left running would write its first epoch's state
+    // within seconds (an epoch of this recipe takes ~5 s on one core).
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(!out.join("seed-1/trainer_state.json").exists(), "seed 1 kept training after the run failed");
+}

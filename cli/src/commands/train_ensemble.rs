@@ -57,6 +57,7 @@ pub fn train(layers: &ConfigLayers, dataset: &Dataset, recipe: &TrainConfig, out
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
+        let mut failure = None;
         for member in &mut members {
             report_progress(member, &started);
             let Some(child) = member.child.as_mut() else { continue };
@@ -66,10 +67,19 @@ pub fn train(layers: &ConfigLayers, dataset: &Dataset, recipe: &TrainConfig, out
                     let log = member.dir.join("train.log");
                     let text = std::fs::read_to_string(&log).unwrap_or_default();
                     let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-                    bail!("member seed {} failed ({status}); {}:\n{}", member.seed, log.display(), tail.join("\n"));
+                    failure = Some(format!("member seed {} failed ({status}); {}:\n{}", member.seed, log.display(), tail.join("\n")));
+                    break;
                 }
                 eprintln!("  seed {}: done ({:.0} s)", member.seed, started.elapsed().as_secs_f64());
             }
+        }
+        if let Some(failure) = failure {
+            // The other members would be thrown away: stop them rather than leave them running.
+            for child in members.iter_mut().filter_map(|m| m.child.as_mut()) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            bail!(failure);
         }
     }
     let wall_time_s = started.elapsed().as_secs_f64();
