@@ -134,7 +134,7 @@ def log(msg):
 
 def cpu_info():
     # The same CPU record as the torch peer's (model, SIMD flags, CPUs), plus torch's view.
-    from torch_peer import cpu_info as peer_cpu_info
+    from peer_env import cpu_info as peer_cpu_info
 
     return {
         **peer_cpu_info(),
