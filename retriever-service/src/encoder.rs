@@ -250,14 +250,12 @@ impl Encoder {
     pub fn encode(&self, history: &[u32]) -> Result<UserState> {
         if let Body::Ensemble(members) = &self.body {
             self.check_items(history)?;
-            let mut state = self.empty_state();
-            state.hidden.clear();
+            let mut state = UserState { hidden: Vec::new(), output: Vec::with_capacity(self.config.embed_dim), events: history.len() };
             for m in members {
                 let part = m.encode(&history[history.len().saturating_sub(m.config.max_len)..])?;
                 state.hidden.extend(part.hidden);
                 self.append_query(&mut state.output, &part.output);
             }
-            state.events = history.len();
             return Ok(state);
         }
         let mut state = self.empty_state();

@@ -1,7 +1,8 @@
 //! Builds the retriever service from configuration and serves it.
 
-use crate::checkpoint::{read_json, CONFIG_FILE, REPORT_FILE};
-use crate::config::{LruRecConfig, ModelKind};
+use crate::checkpoint::REPORT_FILE;
+use crate::config::ModelKind;
+use crate::encoder::Encoder;
 use crate::reload::{publish_model_info, Configured, LoadedModel, Reloader};
 use crate::retriever::Retriever;
 use crate::service::{ModelInfo, RetrieverService};
@@ -23,16 +24,17 @@ use tonic_health::ServingStatus;
 /// Name (the model family: "lrurec", "sasrec", or "ensemble"), content hash (first 12 hex digits
 /// of the SHA-256 of `model.safetensors`; for an ensemble, of its manifest and every member's
 /// weights in order) and `label`.
-pub fn model_version(checkpoint: &Path, label: &str) -> anyhow::Result<ModelVersion> {
+/// The family comes from the encoder loaded from `checkpoint`.
+pub fn model_version(checkpoint: &Path, encoder: &Encoder, label: &str) -> anyhow::Result<ModelVersion> {
     let mut hasher = Sha256::new();
     for path in crate::ensemble::weight_files(checkpoint)? {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         hasher.update(&bytes);
     }
-    let name = if crate::ensemble::is_ensemble(checkpoint) {
+    let name = if !encoder.members().is_empty() {
         "ensemble"
     } else {
-        match read_json::<LruRecConfig>(&checkpoint.join(CONFIG_FILE))?.kind {
+        match encoder.config().kind {
             ModelKind::LruRec => "lrurec",
             ModelKind::SasRec => "sasrec",
         }
@@ -58,7 +60,7 @@ fn dataset_name(checkpoint: &Path) -> String {
 /// (a damaged file that still parses) fail the warm-up rather than serve garbage.
 pub fn load_and_warm_up(checkpoint: &Path, label: &str) -> anyhow::Result<(Retriever, ModelInfo)> {
     let retriever = Retriever::load(checkpoint).with_context(|| format!("loading the retriever checkpoint {}", checkpoint.display()))?;
-    let info = ModelInfo { version: model_version(checkpoint, label)?, dataset: dataset_name(checkpoint) };
+    let info = ModelInfo { version: model_version(checkpoint, retriever.encoder(), label)?, dataset: dataset_name(checkpoint) };
     let start = Instant::now();
     // Non-finite scores never enter the top-k heap (every comparison with NaN is false), so a
     // damaged model shows as a short or non-finite answer, or a non-finite query vector.

@@ -48,7 +48,7 @@ pub fn train(layers: &ConfigLayers, dataset: &Dataset, recipe: &TrainConfig, out
         let running = members.iter().filter(|m| m.child.is_some()).count();
         if running < parallel && next < members.len() {
             let member = &mut members[next];
-            member.child = Some(spawn_member(&exe, layers.file(), recipe, member, fresh)?);
+            member.child = Some(spawn_member(&exe, layers.file(), member, fresh)?);
             eprintln!("  seed {}: started ({:.0} s)", member.seed, started.elapsed().as_secs_f64());
             next += 1;
             continue;
@@ -116,7 +116,7 @@ pub fn train(layers: &ConfigLayers, dataset: &Dataset, recipe: &TrainConfig, out
     Ok(report)
 }
 
-fn spawn_member(exe: &Path, config_file: Option<&Path>, recipe: &TrainConfig, member: &Member, fresh: bool) -> Result<Child> {
+fn spawn_member(exe: &Path, config_file: Option<&Path>, member: &Member, fresh: bool) -> Result<Child> {
     std::fs::create_dir_all(&member.dir).with_context(|| format!("creating {}", member.dir.display()))?;
     let log_path = member.dir.join("train.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -136,9 +136,7 @@ fn spawn_member(exe: &Path, config_file: Option<&Path>, recipe: &TrainConfig, me
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if recipe.compute_threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        cmd.env("RAYON_NUM_THREADS", recipe.compute_threads.to_string());
-    }
+    // Each member reads `compute_threads` from the same configuration and sets its own threads.
     cmd.spawn().with_context(|| format!("starting {} for seed {}", exe.display(), member.seed))
 }
 

@@ -135,7 +135,7 @@ impl Batch {
     /// also predicts its first item from the empty history at the padding column before it, as
     /// the reference code's label alignment does.
     pub fn new(windows: &[TrainWindow<'_>], max_len: usize, first_item_target: bool, device: &Device) -> candle_core::Result<Self> {
-        let predicts_first = |w: &TrainWindow<'_>| first_item_target && !w.is_empty() && w.len() <= max_len;
+        let predicts_first = |w: &TrainWindow<'_>| predicts_first(w, max_len, first_item_target);
         let len = windows
             .iter()
             .map(|w| w.len().saturating_sub(1) + usize::from(predicts_first(w)))
@@ -170,9 +170,14 @@ impl Batch {
 
     /// Targets a window contributes (see [`Batch::new`]).
     pub fn targets_of(window: &TrainWindow<'_>, max_len: usize, first_item_target: bool) -> usize {
-        window.predicted.min(window.len().saturating_sub(1))
-            + usize::from(first_item_target && !window.is_empty() && window.len() <= max_len)
+        window.predicted.min(window.len().saturating_sub(1)) + usize::from(predicts_first(window, max_len, first_item_target))
     }
+}
+
+/// Whether `window` also predicts its first item from the empty history: only a whole training
+/// sequence (no longer than `max_len`) does, and only with `first_item_target`.
+fn predicts_first(window: &TrainWindow<'_>, max_len: usize, first_item_target: bool) -> bool {
+    first_item_target && !window.is_empty() && window.len() <= max_len
 }
 
 #[cfg(test)]

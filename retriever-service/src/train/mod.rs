@@ -79,8 +79,8 @@ pub struct TrainConfig {
     /// `RAYON_NUM_THREADS`; `llamarec train retriever` sets it from this unless it is already
     /// set); 0 = one per core. 1 by default: the products of this model are small (≤ 64 × 256
     /// weights), and on the 2-vCPU machines a second thread's fork/join per operation cost more
-    /// than it gave (an epoch took 10–12 % longer with two; BENCHMARKS.md "Retriever training
-    /// threads"). The other core is better spent on a second run (another seed).
+    /// than it gave (4 SASRec epochs took 19 % longer with two; BENCHMARKS.md "Retriever
+    /// ensembles and training threads"). The other core is better spent on a second run.
     pub compute_threads: usize,
     /// Stop (keeping the best checkpoint) once this much wall time has been spent.
     pub time_limit_s: Option<f64>,
