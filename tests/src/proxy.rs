@@ -23,8 +23,7 @@ impl DelayProxy {
     /// (`host:port`). When the upstream refuses, the client's connection is closed at once, as a
     /// dead backend would.
     pub async fn start(upstream: &str, delay: Duration) -> Self {
-        // Not port 0: see `free_port`.
-        let listener = TcpListener::bind(("127.0.0.1", crate::free_port())).await.expect("bind a loopback port");
+        let listener = bind_loopback().await;
         let addr = listener.local_addr().expect("local address").to_string();
         let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
         let bytes_up = Arc::new(AtomicU64::new(0));
@@ -69,6 +68,21 @@ impl Drop for DelayProxy {
     fn drop(&mut self) {
         self.accept.abort();
     }
+}
+
+/// A listener on a port from [`crate::free_port`] (not port 0: see there). The proxy binds at
+/// once, so a port taken by someone else between `free_port`'s check and this bind (CI saw
+/// "Address already in use" here once) costs only a retry on the next port.
+async fn bind_loopback() -> TcpListener {
+    const ATTEMPTS: usize = 20;
+    for attempt in 1..=ATTEMPTS {
+        match TcpListener::bind(("127.0.0.1", crate::free_port())).await {
+            Ok(listener) => return listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < ATTEMPTS => continue,
+            Err(e) => panic!("bind a loopback port ({attempt} attempts): {e}"),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
 }
 
 /// Copies `from` to `to`, each chunk written `delay` after it was read, in order.
