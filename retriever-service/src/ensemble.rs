@@ -38,6 +38,9 @@ pub struct MemberSummary {
     pub dir: PathBuf,
     /// Seed of its training run.
     pub seed: u64,
+    /// The recipe file added to the ensemble's recipe (`--recipe-seeds`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
     /// Its best epoch and the epochs it ran.
     pub best_epoch: usize,
     /// Epochs run.
@@ -53,7 +56,8 @@ pub struct MemberSummary {
 pub struct EnsembleReport {
     /// Data statistics (as a member's report).
     pub data: DataSummary,
-    /// The members' shared recipe (the seed varies).
+    /// The members' shared recipe (the seed varies; a member with a `recipe` file has that
+    /// file's keys on top, and its own `report.json` has its full recipe).
     pub config: TrainConfig,
     /// Members, in the manifest's order.
     pub members: Vec<MemberSummary>,

@@ -1,8 +1,8 @@
-//! A retriever ensemble end to end on the real ML-100K data: `llamarec train retriever --seeds`
-//! trains two SASRec members side by side (child processes, two epochs each to stay quick),
-//! writes the manifest and the ensemble's report; the real `retriever-service` binary serves
-//! the directory over gRPC, and each item's score is the mean of what the members, served on
-//! their own, score it.
+//! A retriever ensemble end to end on the real ML-100K data: `llamarec train retriever --seeds 1
+//! --recipe-seeds lrurec.toml=1` trains a SASRec and an LRURec member side by side (child
+//! processes, two epochs each to stay quick), writes the manifest and the ensemble's report; the
+//! real `retriever-service` binary serves the directory over gRPC, and each item's score is the
+//! mean of what the members, served on their own, score it.
 
 use llamarec_proto::v1::retriever_client::RetrieverClient;
 use llamarec_proto::v1::{InfoRequest, RetrieveRequest};
@@ -43,12 +43,17 @@ async fn scores(client: &mut RetrieverClient<tonic::transport::Channel>, history
 }
 
 #[tokio::test]
-async fn seeds_train_side_by_side_and_the_ensemble_serves_the_members_mean_score() {
+async fn members_of_two_recipes_train_side_by_side_and_the_ensemble_serves_their_mean_score() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ensemble");
+    // The configured recipe (RECIPE: SASRec) with one key changed: the second member is LRURec.
+    let lrurec = dir.path().join("lrurec.toml");
+    std::fs::write(&lrurec, "[retriever.train.model]\nkind = \"lrurec\"\n").unwrap();
     let run = Command::new(binary("llamarec"))
         .current_dir(repo_root())
-        .args(["train", "retriever", "--seeds", "1,2", "--out"])
+        .args(["train", "retriever", "--seeds", "1", "--recipe-seeds"])
+        .arg(format!("{}=1", lrurec.display()))
+        .arg("--out")
         .arg(&out)
         .envs(RECIPE)
         .output()
@@ -56,28 +61,31 @@ async fn seeds_train_side_by_side_and_the_ensemble_serves_the_members_mean_score
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     // Progress from both members while they ran, then the ensemble's validation table.
-    for seed in [1, 2] {
-        assert!(stderr.contains(&format!("seed {seed}: epoch   2")), "no progress line for seed {seed}: {stderr}");
-        assert!(out.join(format!("seed-{seed}/train.log")).is_file());
+    for (label, member) in [("  seed 1", "seed-1"), ("  lrurec seed 1", "lrurec-seed-1")] {
+        assert!(stderr.contains(&format!("{label}: epoch   2")), "no progress line for {label}: {stderr}");
+        assert!(out.join(format!("{member}/train.log")).is_file());
     }
     assert!(String::from_utf8_lossy(&run.stdout).contains("ensemble of 2"));
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ensemble.json")).unwrap()).unwrap();
-    assert_eq!(manifest["members"], serde_json::json!(["seed-1", "seed-2"]));
+    assert_eq!(manifest["members"], serde_json::json!(["seed-1", "lrurec-seed-1"]));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["members"].as_array().unwrap().len(), 2);
+    assert!(report["members"][1]["recipe"].as_str().unwrap().ends_with("lrurec.toml"), "{}", report["members"]);
+    assert!(report["members"][0].get("recipe").is_none());
     assert_eq!(report["data"]["users"], 943);
     let (val, test) = (report["validation"]["users"].as_u64(), report["test"]["users"].as_u64());
     assert_eq!((val, test), (Some(943), Some(943)), "the ensemble is evaluated on every user");
 
     let (_e, mut ensemble) = serve(&out, dir.path(), "ensemble").await;
     let (_a, mut first) = serve(&out.join("seed-1"), dir.path(), "seed-1").await;
-    let (_b, mut second) = serve(&out.join("seed-2"), dir.path(), "seed-2").await;
+    let (_b, mut second) = serve(&out.join("lrurec-seed-1"), dir.path(), "lrurec-seed-1").await;
     let info = ensemble.info(InfoRequest {}).await.unwrap().into_inner();
     let model = info.model.unwrap();
     assert_eq!((model.name.as_str(), info.embedding_dim), ("ensemble", 128), "two 64-wide members side by side");
     let member = first.info(InfoRequest {}).await.unwrap().into_inner().model.unwrap();
     assert_eq!(member.name, "sasrec");
     assert_ne!(member.version, model.version);
+    assert_eq!(second.info(InfoRequest {}).await.unwrap().into_inner().model.unwrap().name, "lrurec", "the recipe file's kind");
 
     // User 1's first ratings (external ids).
     let history = ["1", "50", "181", "258", "100", "127", "174", "7", "98", "56", "172", "121"];
@@ -128,4 +136,37 @@ fn a_failing_member_fails_the_run_by_name_and_stops_the_others() {
     // within seconds (an epoch of this recipe takes ~5 s on one core).
     std::thread::sleep(Duration::from_secs(15));
     assert!(!out.join("seed-1/trainer_state.json").exists(), "seed 1 kept training after the run failed");
+}
+
+/// A recipe file with a misspelt key, one that sets more than `[retriever.train]`, and a member
+/// listed twice are refused by name before any member starts (nothing is written).
+#[test]
+fn bad_members_are_refused_before_any_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ensemble");
+    let misspelt = dir.path().join("misspelt.toml");
+    std::fs::write(&misspelt, "[retriever.train.model]\ndropuot = 0.3\n").unwrap();
+    let serving = dir.path().join("serving.toml");
+    std::fs::write(&serving, "[retriever.train]\nseed = 3\n\n[retriever]\nmax_k = 5\n").unwrap();
+    let cases: [(Vec<String>, &[&str]); 3] = [
+        (vec!["--recipe-seeds".into(), format!("{}=1", misspelt.display())], &["misspelt.toml", "dropuot"]),
+        (vec!["--recipe-seeds".into(), format!("{}=1", serving.display())], &["serving.toml", "only [retriever.train]", "retriever.max_k"]),
+        (vec!["--seeds".into(), "2,2".into()], &["seed-2 is listed twice"]),
+    ];
+    for (args, expected) in cases {
+        let run = Command::new(binary("llamarec"))
+            .current_dir(repo_root())
+            .args(["train", "retriever", "--out"])
+            .arg(&out)
+            .args(&args)
+            .envs(RECIPE)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?} was accepted");
+        for text in expected {
+            assert!(stderr.contains(text), "{args:?}: no {text:?} in {stderr}");
+        }
+        assert!(!out.exists(), "{args:?}: something was written before the refusal");
+    }
 }

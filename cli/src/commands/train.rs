@@ -36,8 +36,14 @@ pub struct RetrieverTrainArgs {
     /// averaged. Members run side by side as child processes, each with a log in its directory.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     seeds: Vec<u64>,
+    /// Ensemble members with another recipe: FILE's `[retriever.train]` keys on top of the
+    /// configured recipe, one member per seed, into OUT/<file stem>-seed-<seed> (repeatable; with
+    /// or without --seeds). E.g. `--seeds 1 --recipe-seeds
+    /// retriever-service/recipes/sasrec-d03-h2.toml=1,2,3`: one LRURec and three SASRec members.
+    #[arg(long, value_name = "FILE=SEEDS")]
+    recipe_seeds: Vec<super::train_ensemble::RecipeSeeds>,
     /// Members trained at the same time (default: one per core).
-    #[arg(long, requires = "seeds")]
+    #[arg(long)]
     parallel: Option<usize>,
 }
 
@@ -56,12 +62,23 @@ fn retriever(layers: &ConfigLayers, args: RetrieverTrainArgs) -> Result<()> {
     let out = args.out.unwrap_or(config.checkpoint);
     let mut recipe = config.train;
     recipe.resume = recipe.resume && !args.fresh;
-    if !args.seeds.is_empty() {
+    if args.parallel.is_some() && args.seeds.is_empty() && args.recipe_seeds.is_empty() {
+        anyhow::bail!("--parallel sets how many ensemble members train at once: give --seeds or --recipe-seeds");
+    }
+    if !args.seeds.is_empty() || !args.recipe_seeds.is_empty() {
         let parallel = args.parallel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let report = super::train_ensemble::train(layers, &dataset, &recipe, &out, &args.seeds, parallel, args.fresh)?;
+        let report = super::train_ensemble::train(layers, &dataset, &recipe, &out, &args.seeds, &args.recipe_seeds, parallel, args.fresh)?;
         super::train_ensemble::print_report(&report, &out, args.show_test);
         eprintln!("wrote {}", out.display());
         return Ok(());
+    }
+    if retriever_service::ensemble::is_ensemble(&out) {
+        // Its manifest would go on naming the members, and the single model would never load.
+        anyhow::bail!(
+            "{} holds an ensemble ({}): give a single model another directory (--out), or retrain the ensemble with --seeds / --recipe-seeds",
+            out.display(),
+            retriever_service::ensemble::ENSEMBLE_FILE
+        );
     }
     let kind = match recipe.model.kind {
         retriever_service::ModelKind::LruRec => "LRURec",
