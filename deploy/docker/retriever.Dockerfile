@@ -2,8 +2,9 @@
 # The retriever image (LRURec on CPU): gRPC on :50051, Prometheus metrics on :9091.
 # Build from the repository root:
 #   docker build -f deploy/docker/retriever.Dockerfile -t llamarec/retriever:0.1.0 .
-# The LRURec checkpoint committed under retriever-service/checkpoints (1 MB) is baked in; serve
-# another one by mounting it and setting LLAMAREC_RETRIEVER__CHECKPOINT.
+# The checkpoints committed under retriever-service/checkpoints are baked in (the served
+# ensemble ml-100k-ensemble, 3.7 MB, and the single LRURec ml-100k, 1 MB); serve another one by
+# mounting it and setting LLAMAREC_RETRIEVER__CHECKPOINT.
 
 # ---- shared builder (keep this block byte-identical in gateway, retriever, ranker and tools
 # ---- .Dockerfile: BuildKit then builds the workspace once and reuses it for all four images;

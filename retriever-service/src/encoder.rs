@@ -198,6 +198,16 @@ impl Encoder {
         }
     }
 
+    /// The model family, as the model version and reports name it: "lrurec", "sasrec", or
+    /// "ensemble".
+    pub fn family(&self) -> &'static str {
+        match (&self.body, self.config.kind) {
+            (Body::Ensemble(_), _) => "ensemble",
+            (_, ModelKind::LruRec) => "lrurec",
+            (_, ModelKind::SasRec) => "sasrec",
+        }
+    }
+
     /// The model's hyper-parameters (an ensemble's: see [`Encoder::ensemble`]).
     pub fn config(&self) -> &LruRecConfig {
         &self.config

@@ -1,7 +1,6 @@
 //! Builds the retriever service from configuration and serves it.
 
 use crate::checkpoint::REPORT_FILE;
-use crate::config::ModelKind;
 use crate::encoder::Encoder;
 use crate::reload::{publish_model_info, Configured, LoadedModel, Reloader};
 use crate::retriever::Retriever;
@@ -31,15 +30,7 @@ pub fn model_version(checkpoint: &Path, encoder: &Encoder, label: &str) -> anyho
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         hasher.update(&bytes);
     }
-    let name = if !encoder.members().is_empty() {
-        "ensemble"
-    } else {
-        match encoder.config().kind {
-            ModelKind::LruRec => "lrurec",
-            ModelKind::SasRec => "sasrec",
-        }
-    };
-    Ok(ModelVersion { name: name.into(), version: hex::encode(&hasher.finalize()[..6]), label: label.to_string() })
+    Ok(ModelVersion { name: encoder.family().into(), version: hex::encode(&hasher.finalize()[..6]), label: label.to_string() })
 }
 
 /// The data set named in the checkpoint's `report.json` ("unknown" without one).

@@ -71,7 +71,7 @@ impl Default for RetrieverServiceConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
-            checkpoint: PathBuf::from("retriever-service/checkpoints/ml-100k"),
+            checkpoint: PathBuf::from("retriever-service/checkpoints/ml-100k-ensemble"),
             model_label: None,
             admin_tokens_file: None,
             max_k: 200,

@@ -179,7 +179,8 @@ pub fn run(layers: &ConfigLayers, args: EvalReportArgs) -> Result<()> {
         }
         Row { method: method.to_string(), report: acc.report() }
     };
-    let mut rows = vec![row("LRURec retriever alone", &|c| c.retriever_rank()), row("untuned ranker (LLM alone)", &|c| c.fused_rank(0, 1.0))];
+    let retriever_row = format!("retriever alone ({})", retriever.encoder().family());
+    let mut rows = vec![row(&retriever_row, &|c| c.retriever_rank()), row("untuned ranker (LLM alone)", &|c| c.fused_rank(0, 1.0))];
     if tuned.is_some() {
         rows.push(row("tuned ranker (LLM alone)", &|c| c.fused_rank(1, 1.0)));
         rows.push(row(&format!("tuned ranker fused (weight {weight})"), &|c| c.fused_rank(1, weight)));
@@ -234,8 +235,8 @@ mod tests {
         let report: Report = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
         let md = markdown(&report, "Rendered by a test.");
         // The retriever's test NDCG@10 and Recall@10 of the saved run, in the first table's row.
-        let retriever = md.lines().find(|l| l.starts_with("| LRURec retriever alone")).unwrap();
-        assert!(retriever.contains("0.1020") && retriever.contains("0.1930") && retriever.ends_with("1.000x |"), "{retriever}");
+        let retriever = md.lines().find(|l| l.starts_with("| retriever alone")).unwrap();
+        assert!(retriever.contains("(ensemble)") && retriever.contains("0.1120") && retriever.contains("0.2078") && retriever.ends_with("1.000x |"), "{retriever}");
         assert_eq!(md.matches("| tuned ranker (LLM alone)").count(), 2, "both tables");
 
         let dir = std::env::temp_dir().join(format!("eval-report-test-{}", std::process::id()));

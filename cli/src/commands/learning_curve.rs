@@ -31,7 +31,7 @@ pub fn table(all: &[Evaluation]) -> String {
     let ws = weights(all);
     let mut out = String::from("# Ranker training: learning curve (validation sample, all users)\n\n");
     if let Some(r) = retriever_ndcg(all) {
-        out += &format!("The retriever's own order on the same users: NDCG@10 {r:.4}. Fused = the gateway's rule at weight w (`llamarec_common::fusion`).\n\n");
+        out += &format!("The retriever's own order on the same users (the checkpoint the run drew its candidates from): NDCG@10 {r:.4}. Fused = the gateway's rule at weight w (`llamarec_common::fusion`).\n\n");
     }
     out += "| step | examples | train loss | LLM alone N@10 | LLM alone R@10 |";
     for w in &ws {
