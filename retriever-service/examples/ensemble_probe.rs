@@ -2,7 +2,7 @@
 //! averaging an LRURec and a SASRec, or two seeds, beat each alone?). Reads the validation split
 //! only.
 //!
-//! `target/release/examples/ensemble_probe DIR_A DIR_B [DIR_C ...]` (build with `cargo build
+//! `target/release/examples/ensemble_probe DIR_A DIR_B [DIR_C ...]` (checkpoints or ensembles; build with `cargo build
 //! --release --workspace --locked --examples`), `ASSETS` (default `assets`) pointing at the
 //! assets. With two directories, prints R/N at 10 and R at 20/50/100 for w·A + (1−w)·B over a
 //! grid of w; with more, each model alone and the equal-weight mean (a weight fixed in advance,
@@ -12,9 +12,8 @@
 
 use llamarec_common::data::{DataConfig, Dataset, Split};
 use llamarec_common::ranking_metrics::{rank_of_target, MetricAccumulator};
-use retriever_service::checkpoint::Checkpoint;
 use retriever_service::train::evaluate::{split_cases, RETRIEVER_KS};
-use retriever_service::Encoder;
+use retriever_service::{Encoder, Retriever};
 use std::path::PathBuf;
 
 fn log_softmax(scores: &mut [f32]) {
@@ -37,10 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let split: Split = std::env::var("SPLIT").unwrap_or_else(|_| "validation".into()).parse()?;
     let assets = PathBuf::from(std::env::var("ASSETS").unwrap_or_else(|_| "assets".into()));
     let dataset = Dataset::load(&DataConfig::default(), &assets)?;
-    let encoders = dirs
-        .iter()
-        .map(|d| Checkpoint::load(d).and_then(|c| Encoder::new(&c.config, &c.tensors)))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Retriever::load reads ensembles too, so a group of members can be weighed as one.
+    let retrievers = dirs.iter().map(|d| Retriever::load(d)).collect::<Result<Vec<_>, _>>()?;
+    let encoders: Vec<&Encoder> = retrievers.iter().map(Retriever::encoder).collect();
     let cases = split_cases(&dataset, split);
     let scores: Vec<Vec<Vec<f32>>> = cases
         .iter()
@@ -51,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 log_softmax(&mut s);
                 s
             };
-            encoders.iter().map(one).collect()
+            encoders.iter().map(|e| one(e)).collect()
         })
         .collect();
     println!("{split:?}, {} users", cases.len());
