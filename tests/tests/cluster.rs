@@ -71,7 +71,8 @@ async fn cluster_end_to_end() {
     assert!(!r.degraded, "{}", r.degraded_detail);
     assert!(r.ranker_model.is_some());
     // The retriever's label (by default its checkpoint directory's name) is carried through.
-    assert_eq!(r.retriever_model.as_ref().map(|m| m.label.as_str()), Some("ml-100k"));
+    let retriever_model = r.retriever_model.as_ref().map(|m| (m.name.as_str(), m.label.as_str()));
+    assert_eq!(retriever_model, Some(("ensemble", "ml-100k-ensemble")), "the shipped retriever checkpoint");
     assert!(r.items.iter().all(|i| i.ranker_log_prob.is_some()), "k <= N: every item was ranked");
     assert!(r.items.iter().all(|i| !history.contains(&i.item_id)), "history items are never recommended");
     assert!(r.items.windows(2).all(|w| w[0].final_score >= w[1].final_score), "sorted by final score");
