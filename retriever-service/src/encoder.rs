@@ -228,6 +228,61 @@ impl Encoder {
         }
     }
 
+    /// Whether a cached state can catch up with a longer window ([`Encoder::catch_up`]) for
+    /// less than a fresh encoding: an LRURec model, and an ensemble with at least one member
+    /// that absorbs events (its other members re-encode their own, shorter, windows).
+    pub fn can_catch_up(&self) -> bool {
+        match &self.body {
+            Body::Ensemble(members) => members.iter().any(|m| self.member_absorbs(m)),
+            _ => self.is_recurrent(),
+        }
+    }
+
+    /// Whether an ensemble's member can absorb events into its part of the state: recurrent,
+    /// and reading the ensemble's whole window (a shorter window would slide first).
+    fn member_absorbs(&self, member: &Encoder) -> bool {
+        member.is_recurrent() && member.config.max_len == self.config.max_len
+    }
+
+    /// Layers of hidden state this model keeps in a [`UserState`] (0 for SASRec).
+    fn state_layers(&self) -> usize {
+        match &self.body {
+            Body::LruRec(layers) => layers.len(),
+            Body::SasRec(_) => 0,
+            Body::Ensemble(members) => members.iter().map(Encoder::state_layers).sum(),
+        }
+    }
+
+    /// Advances `state`, the state after `window[..absorbed]`, to the state after `window` (the
+    /// events the model reads: the same window grown at its end, not slid). A recurrent model
+    /// absorbs the new events; in an ensemble the members that can absorb them do (LRURec's
+    /// O(1) per event) and the others encode their own window afresh. Only for models that
+    /// [`can_catch_up`](Encoder::can_catch_up).
+    pub fn catch_up(&self, state: &mut UserState, window: &[u32], absorbed: usize) -> Result<()> {
+        let Body::Ensemble(members) = &self.body else { return self.extend(state, &window[absorbed..]) };
+        if !self.can_catch_up() {
+            return Err(RetrieverError::Config("no member of this ensemble absorbs events; encode the whole window".into()));
+        }
+        self.check_items(&window[absorbed..])?;
+        let mut layers = std::mem::take(&mut state.hidden).into_iter();
+        let mut output = Vec::with_capacity(self.config.embed_dim);
+        for m in members {
+            let hidden: Vec<Vec<f32>> = layers.by_ref().take(m.state_layers()).collect();
+            let part = if self.member_absorbs(m) {
+                let mut part = UserState { hidden, output: Vec::new(), events: absorbed };
+                m.extend(&mut part, &window[absorbed..])?;
+                part
+            } else {
+                m.encode(&window[window.len().saturating_sub(m.config.max_len)..])?
+            };
+            state.hidden.extend(part.hidden);
+            self.append_query(&mut output, &part.output);
+        }
+        state.output = output;
+        state.events = window.len();
+        Ok(())
+    }
+
     /// Appends a member's query vector, scaled by 1/K, to the ensemble's.
     fn append_query(&self, query: &mut Vec<f32>, member: &[f32]) {
         let scale = 1.0 / self.members().len() as f32;
@@ -516,7 +571,7 @@ pub(crate) mod tests {
         assert!(err.contains("output.bias"), "{err}");
     }
 
-    fn small_sasrec(seed: u64, num_items: usize) -> Encoder {
+    pub(crate) fn small_sasrec(seed: u64, num_items: usize) -> Encoder {
         use crate::train::sasrec::SasRec;
         let config = LruRecConfig {
             kind: ModelKind::SasRec,
@@ -534,7 +589,7 @@ pub(crate) mod tests {
         Encoder::new(&config, &tensors).unwrap()
     }
 
-    fn lru_encoder(seed: u64) -> Encoder {
+    pub(crate) fn lru_encoder(seed: u64) -> Encoder {
         let model = small_model(seed);
         Encoder::new(&model.config, &model.tensors()).unwrap()
     }
@@ -580,6 +635,35 @@ pub(crate) mod tests {
         let (a, b) = (ensemble.all_scores(&state), ensemble.all_scores(&fresh));
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         assert!(diff <= 1e-4, "max abs score diff {diff}");
+    }
+
+    #[test]
+    fn a_mixed_ensemble_catches_up_like_a_fresh_encoding_its_lrurec_member_absorbing_the_events() {
+        // LRURec members read the ensemble's whole window (64); the SASRec member its last 10.
+        let ensemble = Encoder::ensemble(vec![lru_encoder(6), small_sasrec(7, 50), lru_encoder(8)]).unwrap();
+        assert!(!ensemble.is_recurrent() && ensemble.can_catch_up());
+        let window: Vec<u32> = (0..40).map(|i| 1 + (i * 13) % 50).collect();
+        for absorbed in [1, 33, 39] {
+            let mut state = ensemble.encode(&window[..absorbed]).unwrap();
+            ensemble.catch_up(&mut state, &window, absorbed).unwrap();
+            let fresh = ensemble.encode(&window).unwrap();
+            assert_eq!((state.events, state.hidden.len()), (40, 4), "two layers per LRURec member, none for SASRec");
+            let (a, b) = (ensemble.all_scores(&state), ensemble.all_scores(&fresh));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 1e-4, "from {absorbed} events: max abs score diff {diff}");
+        }
+        // The LRURec members' parts did absorb: their layers equal a fresh encoding's.
+        let mut state = ensemble.encode(&window[..39]).unwrap();
+        ensemble.catch_up(&mut state, &window, 39).unwrap();
+        let fresh = ensemble.encode(&window).unwrap();
+        for (x, y) in state.hidden.iter().flatten().zip(fresh.hidden.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-4);
+        }
+        // Only SASRec members: nothing absorbs, so no catching up.
+        let sasrec_only = Encoder::ensemble(vec![small_sasrec(1, 50), small_sasrec(2, 50)]).unwrap();
+        assert!(!sasrec_only.can_catch_up());
+        let mut s = sasrec_only.encode(&window[..5]).unwrap();
+        assert!(sasrec_only.catch_up(&mut s, &window[..6], 5).is_err());
     }
 
     #[test]

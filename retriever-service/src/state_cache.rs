@@ -97,12 +97,13 @@ impl StateCache {
     }
 
     /// The state after exactly `window` (the events the model reads, oldest first), from the
-    /// cache when it holds `window` or (recurrent models) a prefix of it at most
+    /// cache when it holds `window` or (models that [can catch up](Encoder::can_catch_up)) a prefix of it at most
     /// [`MAX_CATCH_UP`] events shorter; whatever is computed is cached.
     pub fn state(&self, encoder: &Encoder, window: &[u32]) -> Result<(UserState, Outcome)> {
         let hashes = prefix_hashes(window);
         // A state without a recurrence (SASRec) cannot absorb events: only the same window helps.
-        let catch_up = if encoder.is_recurrent() { MAX_CATCH_UP } else { 0 };
+        // A mixed ensemble's LRURec members absorb them and its SASRec members re-encode.
+        let catch_up = if encoder.can_catch_up() { MAX_CATCH_UP } else { 0 };
         let shortest = window.len().saturating_sub(catch_up).max(1);
         for absorbed in (shortest..=window.len()).rev() {
             let Some(entry) = self.entries.get(&hashes[absorbed]) else { continue };
@@ -113,7 +114,7 @@ impl StateCache {
             if absorbed == window.len() {
                 return Ok((state, self.count(Outcome::Hit)));
             }
-            encoder.extend(&mut state, &window[absorbed..])?;
+            encoder.catch_up(&mut state, window, absorbed)?;
             self.insert(hashes[window.len()], window, &state);
             return Ok((state, self.count(Outcome::Extended)));
         }
@@ -179,7 +180,7 @@ fn prefix_hashes(window: &[u32]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoder::tests::small_model;
+    use crate::encoder::tests::{lru_encoder, small_model, small_sasrec};
     use rand::{Rng, SeedableRng};
 
     fn encoder() -> Encoder {
@@ -233,6 +234,21 @@ mod tests {
         assert_eq!((outcome, state), (Outcome::Miss, encoder.encode(slid).unwrap()));
 
         assert_eq!(cache.stats(), Stats { hits: 2, extended: 1, misses: 3 });
+    }
+
+    /// The shipped kind of ensemble (LRURec and SASRec members): a new event is caught up on
+    /// (the LRURec member absorbs it, the SASRec member re-encodes), not encoded from scratch.
+    #[test]
+    fn a_mixed_ensemble_catches_up_on_new_events() {
+        let encoder = Encoder::ensemble(vec![lru_encoder(3), small_sasrec(4, 50)]).unwrap();
+        let cache = StateCache::new(1 << 20);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut history = random_history(&mut rng, 20);
+        assert_eq!(cache.state(&encoder, &history).unwrap().1, Outcome::Miss);
+        history.push(9);
+        let (state, outcome) = cache.state(&encoder, &history).unwrap();
+        assert_eq!(outcome, Outcome::Extended);
+        assert_close(&state, &encoder.encode(&history).unwrap());
     }
 
     #[test]

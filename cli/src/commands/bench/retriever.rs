@@ -53,9 +53,19 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     // Each series side by side: every Retrieve recomputing the state (a new user, or a history
     // whose 200-event window slid) and returning users (state cache primed with every history).
     let k = args.k as usize;
-    let cold = in_process_series(&config, &histories, k, args.rounds, 0).await?;
-    let returning = in_process_series(&config, &histories, k, args.rounds, config.state_cache_bytes.max(1 << 20)).await?;
-    eprintln!("in-process: cold p50 {:.3} / p99 {:.3} ms, returning p50 {:.3} / p99 {:.3} ms", cold.quantile_ms(0.5), cold.quantile_ms(0.99), returning.quantile_ms(0.5), returning.quantile_ms(0.99));
+    let cache_bytes = config.state_cache_bytes.max(1 << 20);
+    let cold = in_process_series(&config, &histories, k, args.rounds, 0, Prime::Whole).await?;
+    let returning = in_process_series(&config, &histories, k, args.rounds, cache_bytes, Prime::Whole).await?;
+    let new_event = in_process_series(&config, &histories, k, args.rounds, cache_bytes, Prime::AllButLast).await?;
+    eprintln!(
+        "in-process: cold p50 {:.3} / p99 {:.3} ms, returning p50 {:.3} / p99 {:.3} ms, one new event p50 {:.3} / p99 {:.3} ms",
+        cold.quantile_ms(0.5),
+        cold.quantile_ms(0.99),
+        returning.quantile_ms(0.5),
+        returning.quantile_ms(0.99),
+        new_event.quantile_ms(0.5),
+        new_event.quantile_ms(0.99)
+    );
 
     let grpc_cold = grpc_series(RetrieverServiceConfig { state_cache_bytes: 0, ..config.clone() }, &dataset, &histories, &args).await?;
     let grpc_returning = grpc_series(RetrieverServiceConfig { state_cache_bytes: config.state_cache_bytes.max(1 << 20), ..config.clone() }, &dataset, &histories, &args).await?;
@@ -77,6 +87,7 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
         "training": training,
         "retrieve_in_process": cold.summary(),
         "retrieve_in_process_returning_user": returning.summary(),
+        "retrieve_in_process_one_new_event": new_event.summary(),
         "retrieve_grpc": grpc_cold.summary(),
         "retrieve_grpc_returning_user": grpc_returning.summary(),
         "catalog_sizes": scaling,
@@ -88,18 +99,39 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     Ok(())
 }
 
+/// What the untimed pass before a round puts in the state cache.
+#[derive(Clone, Copy, PartialEq)]
+enum Prime {
+    /// Every history as it will be asked (returning users; with no cache, just a warm-up).
+    Whole,
+    /// Every history but its last event, before each round: each timed request brings one new
+    /// event (LRURec catches up on it; a SASRec member re-encodes; a slid window misses).
+    AllButLast,
+}
+
 /// One retrieval at a time in this process, with a state cache of `cache_bytes` (0: none),
-/// after one untimed pass over every history (which fills the cache).
-async fn in_process_series(config: &RetrieverServiceConfig, histories: &[Vec<u32>], k: usize, rounds: usize, cache_bytes: u64) -> Result<Latencies> {
+/// after an untimed pass over every history as `prime` says.
+async fn in_process_series(config: &RetrieverServiceConfig, histories: &[Vec<u32>], k: usize, rounds: usize, cache_bytes: u64, prime: Prime) -> Result<Latencies> {
     let checkpoint = config.checkpoint.clone();
     let histories = histories.to_vec();
     tokio::task::spawn_blocking(move || -> Result<Latencies> {
-        let retriever = Retriever::load(&checkpoint)?.with_state_cache(cache_bytes);
-        for h in &histories {
-            retriever.retrieve(h, k, true)?;
-        }
+        let fresh = || Retriever::load(&checkpoint).map(|r| r.with_state_cache(cache_bytes));
+        let mut retriever = fresh()?;
+        let warm = |r: &Retriever| -> Result<()> {
+            for h in &histories {
+                let primed = if prime == Prime::AllButLast { &h[..h.len() - 1] } else { &h[..] };
+                r.retrieve(primed, k, true)?;
+            }
+            Ok(())
+        };
+        warm(&retriever)?;
         let mut lat = Latencies::default();
-        for _ in 0..rounds {
+        for round in 0..rounds {
+            if prime == Prime::AllButLast && round > 0 {
+                // The last round cached every whole history: start again from the prefixes.
+                retriever = fresh()?;
+                warm(&retriever)?;
+            }
             for h in &histories {
                 let t = Instant::now();
                 std::hint::black_box(retriever.retrieve(h, k, true)?);
