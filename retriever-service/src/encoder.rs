@@ -222,9 +222,7 @@ impl Encoder {
             Body::SasRec(_) => false,
             // Members with different windows would drift apart from a fresh encoding once the
             // shorter window slides: such an ensemble re-encodes.
-            Body::Ensemble(members) => {
-                members.iter().all(|m| m.is_recurrent() && m.config.max_len == self.config.max_len)
-            }
+            Body::Ensemble(members) => members.iter().all(|m| self.member_absorbs(m)),
         }
     }
 
@@ -264,29 +262,38 @@ impl Encoder {
             return Err(RetrieverError::Config("no member of this ensemble absorbs events; encode the whole window".into()));
         }
         self.check_items(&window[absorbed..])?;
-        let mut layers = std::mem::take(&mut state.hidden).into_iter();
-        let mut output = Vec::with_capacity(self.config.embed_dim);
-        for m in members {
-            let hidden: Vec<Vec<f32>> = layers.by_ref().take(m.state_layers()).collect();
-            let part = if self.member_absorbs(m) {
+        self.rebuild_members(members, state, |m, hidden| {
+            if self.member_absorbs(m) {
                 let mut part = UserState { hidden, output: Vec::new(), events: absorbed };
                 m.extend(&mut part, &window[absorbed..])?;
-                part
+                Ok(part)
             } else {
-                m.encode(&window[window.len().saturating_sub(m.config.max_len)..])?
-            };
-            state.hidden.extend(part.hidden);
-            self.append_query(&mut output, &part.output);
-        }
-        state.output = output;
+                m.encode(&window[window.len().saturating_sub(m.config.max_len)..])
+            }
+        })?;
         state.events = window.len();
         Ok(())
     }
 
-    /// Appends a member's query vector, scaled by 1/K, to the ensemble's.
-    fn append_query(&self, query: &mut Vec<f32>, member: &[f32]) {
-        let scale = 1.0 / self.members().len() as f32;
-        query.extend(member.iter().map(|x| x * scale));
+    /// Replaces an ensemble's state member by member: `part(member, its hidden layers from
+    /// `state`)` gives the member's new state; its layers and its query (scaled by 1/K, side by
+    /// side with the others') make the ensemble's. `state.events` is left to the caller.
+    fn rebuild_members(
+        &self,
+        members: &[Encoder],
+        state: &mut UserState,
+        mut part: impl FnMut(&Encoder, Vec<Vec<f32>>) -> Result<UserState>,
+    ) -> Result<()> {
+        let scale = 1.0 / members.len() as f32;
+        let mut layers = std::mem::take(&mut state.hidden).into_iter();
+        let mut output = Vec::with_capacity(self.config.embed_dim);
+        for m in members {
+            let own = part(m, layers.by_ref().take(m.state_layers()).collect())?;
+            state.hidden.extend(own.hidden);
+            output.extend(own.output.iter().map(|x| x * scale));
+        }
+        state.output = output;
+        Ok(())
     }
 
     /// Item embedding, (V+1) rows of `embed_dim` values, row 0 = padding.
@@ -315,12 +322,8 @@ impl Encoder {
     pub fn encode(&self, history: &[u32]) -> Result<UserState> {
         if let Body::Ensemble(members) = &self.body {
             self.check_items(history)?;
-            let mut state = UserState { hidden: Vec::new(), output: Vec::with_capacity(self.config.embed_dim), events: history.len() };
-            for m in members {
-                let part = m.encode(&history[history.len().saturating_sub(m.config.max_len)..])?;
-                state.hidden.extend(part.hidden);
-                self.append_query(&mut state.output, &part.output);
-            }
+            let mut state = UserState { hidden: Vec::new(), output: Vec::new(), events: history.len() };
+            self.rebuild_members(members, &mut state, |m, _| m.encode(&history[history.len().saturating_sub(m.config.max_len)..]))?;
             return Ok(state);
         }
         let mut state = self.empty_state();
@@ -347,16 +350,12 @@ impl Encoder {
         if let Body::Ensemble(members) = &self.body {
             // Every member is recurrent (checked above): each advances its own layers' states.
             self.check_items(events)?;
-            let mut layers = std::mem::take(&mut state.hidden).into_iter();
-            let mut output = Vec::with_capacity(self.config.embed_dim);
-            for m in members {
-                let hidden = layers.by_ref().take(m.config.num_blocks).collect();
-                let mut part = UserState { hidden, output: Vec::new(), events: state.events };
+            let events_before = state.events;
+            self.rebuild_members(members, state, |m, hidden| {
+                let mut part = UserState { hidden, output: Vec::new(), events: events_before };
                 m.extend(&mut part, events)?;
-                state.hidden.extend(part.hidden);
-                self.append_query(&mut output, &part.output);
-            }
-            state.output = output;
+                Ok(part)
+            })?;
             state.events += events.len();
             return Ok(());
         }

@@ -97,8 +97,8 @@ impl StateCache {
     }
 
     /// The state after exactly `window` (the events the model reads, oldest first), from the
-    /// cache when it holds `window` or (models that [can catch up](Encoder::can_catch_up)) a prefix of it at most
-    /// [`MAX_CATCH_UP`] events shorter; whatever is computed is cached.
+    /// cache when it holds `window` or (models that [can catch up](Encoder::can_catch_up)) a
+    /// prefix of it at most [`MAX_CATCH_UP`] events shorter; whatever is computed is cached.
     pub fn state(&self, encoder: &Encoder, window: &[u32]) -> Result<(UserState, Outcome)> {
         let hashes = prefix_hashes(window);
         // A state without a recurrence (SASRec) cannot absorb events: only the same window helps.
@@ -180,12 +180,11 @@ fn prefix_hashes(window: &[u32]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoder::tests::{lru_encoder, small_model, small_sasrec};
+    use crate::encoder::tests::{lru_encoder, small_sasrec};
     use rand::{Rng, SeedableRng};
 
     fn encoder() -> Encoder {
-        let model = small_model(7);
-        Encoder::new(&model.config, &model.tensors()).unwrap()
+        lru_encoder(7)
     }
 
     fn assert_close(a: &UserState, b: &UserState) {

@@ -5,7 +5,7 @@
 //! machine), then served together as an equal-weight ensemble (`retriever_service::ensemble`).
 
 use anyhow::{bail, Context, Result};
-use llamarec_common::config::ConfigLayers;
+use llamarec_common::config::{ConfigLayers, ENV_PREFIX};
 use llamarec_common::data::{Dataset, Split};
 use llamarec_common::ranking_metrics::format_table;
 use retriever_service::checkpoint::{read_json, write_json, REPORT_FILE, TRAINER_STATE_FILE};
@@ -96,19 +96,21 @@ fn flatten(table: &dyn toml_edit::TableLike, prefix: &str, path: &str, out: &mut
 }
 
 /// One member's training process.
-struct Member {
+struct Member<'a> {
     seed: u64,
     /// The recipe file it adds to the configured recipe, if any.
-    recipe: Option<RecipeSeeds>,
+    recipe: Option<&'a RecipeSeeds>,
+    /// Its directory's name inside the ensemble's ([`Member::dir_name`]).
+    name: String,
     dir: PathBuf,
     child: Option<Child>,
     epochs_seen: usize,
 }
 
-impl Member {
+impl Member<'_> {
     /// `seed 3` or `sasrec-d03-h2 seed 3`, in progress lines and errors.
     fn label(&self) -> String {
-        match &self.recipe {
+        match self.recipe {
             Some(r) => format!("{} seed {}", r.name, self.seed),
             None => format!("seed {}", self.seed),
         }
@@ -125,7 +127,7 @@ impl Member {
 
 /// The members of `--seeds` and `--recipe-seeds`, refusing one listed twice (it would be the
 /// same model) and a recipe whose keys the configuration does not accept (before any starts).
-fn members(layers: &ConfigLayers, out: &Path, seeds: &[u64], recipes: &[RecipeSeeds]) -> Result<Vec<Member>> {
+fn members<'a>(layers: &ConfigLayers, out: &Path, seeds: &[u64], recipes: &'a [RecipeSeeds]) -> Result<Vec<Member<'a>>> {
     let mut members = Vec::new();
     let groups = std::iter::once((None, seeds)).chain(recipes.iter().map(|r| (Some(r), r.seeds.as_slice())));
     for (recipe, seeds) in groups {
@@ -134,10 +136,10 @@ fn members(layers: &ConfigLayers, out: &Path, seeds: &[u64], recipes: &[RecipeSe
         }
         for &seed in seeds {
             let name = Member::dir_name(recipe, seed);
-            if members.iter().any(|m: &Member| m.dir.ends_with(&name)) {
+            if members.iter().any(|m: &Member| m.name == name) {
                 bail!("{name} is listed twice: the members would be the same model");
             }
-            members.push(Member { seed, recipe: recipe.cloned(), dir: out.join(name), child: None, epochs_seen: 0 });
+            members.push(Member { seed, recipe, dir: out.join(&name), name, child: None, epochs_seen: 0 });
         }
     }
     if members.is_empty() {
@@ -150,7 +152,7 @@ fn members(layers: &ConfigLayers, out: &Path, seeds: &[u64], recipes: &[RecipeSe
 /// misspelt key or a bad value is refused by name now, not in a member's log.
 fn check_recipe(layers: &ConfigLayers, recipe: &RecipeSeeds) -> Result<()> {
     let mut env: Vec<(String, String)> =
-        std::env::vars().filter(|(k, _)| k.starts_with("LLAMAREC_") && !recipe.overrides.iter().any(|(o, _)| o == k)).collect();
+        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !recipe.overrides.iter().any(|(o, _)| o == k)).collect();
     env.extend(recipe.overrides.iter().cloned());
     let member = ConfigLayers::load_with_env(layers.file(), Some(env))?;
     member.section::<RetrieverServiceConfig>().with_context(|| format!("recipe {}", recipe.path.display()))?;
@@ -226,9 +228,9 @@ pub fn train(
         let report: TrainReport = read_json(&member.dir.join(REPORT_FILE))?;
         data.get_or_insert(report.data.clone());
         summaries.push(MemberSummary {
-            dir: PathBuf::from(Member::dir_name(member.recipe.as_ref(), member.seed)),
+            dir: PathBuf::from(&member.name),
             seed: member.seed,
-            recipe: member.recipe.as_ref().map(|r| r.path.display().to_string()),
+            recipe: member.recipe.map(|r| r.path.display().to_string()),
             best_epoch: report.best_epoch,
             epochs: report.epochs,
             time_to_best_s: report.time_to_best_s,
@@ -267,12 +269,12 @@ fn spawn_member(exe: &Path, config_file: Option<&Path>, member: &Member, fresh: 
     }
     // The environment carries the parent's overrides; these set what differs per member. Each
     // member validates on one thread: the members run side by side.
-    if let Some(recipe) = &member.recipe {
+    if let Some(recipe) = member.recipe {
         cmd.envs(recipe.overrides.iter().map(|(k, v)| (k, v)));
     }
-    cmd.env("LLAMAREC_RETRIEVER__TRAIN__SEED", member.seed.to_string())
-        .env("LLAMAREC_RETRIEVER__TRAIN__PROGRESS", "false")
-        .env("LLAMAREC_RETRIEVER__TRAIN__EVAL_THREADS", "1")
+    cmd.env(format!("{TRAIN_ENV_PREFIX}SEED"), member.seed.to_string())
+        .env(format!("{TRAIN_ENV_PREFIX}PROGRESS"), "false")
+        .env(format!("{TRAIN_ENV_PREFIX}EVAL_THREADS"), "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

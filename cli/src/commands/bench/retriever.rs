@@ -68,7 +68,7 @@ pub async fn run(layers: &ConfigLayers, args: RetrieverBenchArgs) -> Result<()> 
     );
 
     let grpc_cold = grpc_series(RetrieverServiceConfig { state_cache_bytes: 0, ..config.clone() }, &dataset, &histories, &args).await?;
-    let grpc_returning = grpc_series(RetrieverServiceConfig { state_cache_bytes: config.state_cache_bytes.max(1 << 20), ..config.clone() }, &dataset, &histories, &args).await?;
+    let grpc_returning = grpc_series(RetrieverServiceConfig { state_cache_bytes: cache_bytes, ..config.clone() }, &dataset, &histories, &args).await?;
     eprintln!("gRPC: cold p50 {:.3} / p99 {:.3} ms, returning p50 {:.3} / p99 {:.3} ms", grpc_cold.quantile_ms(0.5), grpc_cold.quantile_ms(0.99), grpc_returning.quantile_ms(0.5), grpc_returning.quantile_ms(0.99));
 
     let sizes = args.sizes.clone();
