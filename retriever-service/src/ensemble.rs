@@ -64,7 +64,9 @@ pub struct EnsembleReport {
     /// Members trained at the same time.
     pub parallel: usize,
     /// Wall time from the first member's start to the last member's end, seconds: the
-    /// ensemble's time to its best checkpoint (every member stops at its own best).
+    /// ensemble's time to its best checkpoint (every member stops at its own best). Of this
+    /// run only: a resumed run does not know how long the interrupted one ran side by side
+    /// (each member's own `report.json` counts its whole time).
     pub wall_time_s: f64,
     /// Validation metrics of the ensemble.
     pub validation: MetricReport,

@@ -138,8 +138,9 @@ fn a_failing_member_fails_the_run_by_name_and_stops_the_others() {
     assert!(!out.join("seed-1/trainer_state.json").exists(), "seed 1 kept training after the run failed");
 }
 
-/// A recipe file with a misspelt key, one that sets more than `[retriever.train]`, and a member
-/// listed twice are refused by name before any member starts (nothing is written).
+/// A recipe file with a misspelt key, one that sets more than `[retriever.train]`, a member
+/// listed twice and two recipe files with one stem are refused by name before any member
+/// starts (nothing is written).
 #[test]
 fn bad_members_are_refused_before_any_starts() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,10 +149,20 @@ fn bad_members_are_refused_before_any_starts() {
     std::fs::write(&misspelt, "[retriever.train.model]\ndropuot = 0.3\n").unwrap();
     let serving = dir.path().join("serving.toml");
     std::fs::write(&serving, "[retriever.train]\nseed = 3\n\n[retriever]\nmax_k = 5\n").unwrap();
-    let cases: [(Vec<String>, &[&str]); 3] = [
+    // Two valid recipe files with one stem: different models, one directory.
+    let (first, second) = (dir.path().join("a/sasrec.toml"), dir.path().join("b/sasrec.toml"));
+    for file in [&first, &second] {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, "[retriever.train]\nmax_epochs = 1\n").unwrap();
+    }
+    let cases: [(Vec<String>, &[&str]); 4] = [
         (vec!["--recipe-seeds".into(), format!("{}=1", misspelt.display())], &["misspelt.toml", "dropuot"]),
         (vec!["--recipe-seeds".into(), format!("{}=1", serving.display())], &["serving.toml", "only [retriever.train]", "retriever.max_k"]),
         (vec!["--seeds".into(), "2,2".into()], &["seed-2 is listed twice"]),
+        (
+            vec!["--recipe-seeds".into(), format!("{}=1", first.display()), "--recipe-seeds".into(), format!("{}=1", second.display())],
+            &["a/sasrec.toml", "b/sasrec.toml", "sasrec-seed-1", "rename one"],
+        ),
     ];
     for (args, expected) in cases {
         let run = Command::new(binary("llamarec"))
