@@ -156,7 +156,7 @@ pub fn collect_cases(dataset: &Dataset, retriever: &Retriever, rankers: &[&Ranke
         cases.push(Case { retrieved, target_pos, logits });
         bar.set_message(format!("{calls} LLM calls"));
         bar.inc(1);
-        super::eval_two_stage::log_progress(&bar, label);
+        super::progress::log_progress(&bar, label);
     }
     bar.finish();
     Ok(cases)

@@ -15,6 +15,7 @@ pub mod gateway_access;
 pub mod health;
 pub mod json;
 pub mod learning_curve;
+pub mod progress;
 pub mod rank;
 pub mod recommend;
 pub mod reload;

@@ -137,17 +137,15 @@ fn members<'a>(layers: &ConfigLayers, out: &Path, seeds: &[u64], recipes: &'a [R
         for &seed in seeds {
             let name = Member::dir_name(recipe, seed);
             if let Some(earlier) = members.iter().find(|m: &&Member| m.name == name) {
-                // Same stem, different files: not the same model, but the same directory.
-                if let (Some(a), Some(b)) = (earlier.recipe, recipe) {
-                    if a.path != b.path {
-                        bail!(
-                            "recipes {} and {} would both train into {name} (members are named by the file's stem): rename one",
-                            a.path.display(),
-                            b.path.display()
-                        );
-                    }
+                match (earlier.recipe, recipe) {
+                    // Same stem, different files: not the same model, but the same directory.
+                    (Some(a), Some(b)) if a.path != b.path => bail!(
+                        "recipes {} and {} would both train into {name} (members are named by the file's stem): rename one",
+                        a.path.display(),
+                        b.path.display()
+                    ),
+                    _ => bail!("{name} is listed twice: the members would be the same model"),
                 }
-                bail!("{name} is listed twice: the members would be the same model");
             }
             members.push(Member { seed, recipe, dir: out.join(&name), name, child: None, epochs_seen: 0 });
         }
