@@ -1,6 +1,8 @@
 //! The caller's gRPC deadline and the time budget of each stage.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
+use tonic::{Code, Status};
 
 /// Parses a `grpc-timeout` header value ("250m", "5S", ...; at most 8 digits and a unit).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -51,6 +53,25 @@ impl Deadline {
     }
 }
 
+/// Awaits a backend call (Retrieve, Rank) for at most `budget`: `None` when the budget ran out
+/// first. A CANCELLED answer that comes while budget is left did not come from a deadline:
+/// hyper cancels the calls of a connection that went away (a backend killed mid-flight, a pod
+/// gone), and tonic reports that as CANCELLED. It becomes UNAVAILABLE, as a refused connection
+/// is, so the caller sees the backend is down (not a deadline it did not exceed) and the
+/// endpoint counts as failed. A backend's own expired `grpc-timeout` also answers CANCELLED,
+/// but its clock starts after ours, so that one arrives once the budget is spent.
+pub async fn within_budget<T>(budget: Duration, call: impl Future<Output = Result<T, Status>>) -> Option<Result<T, Status>> {
+    let started = Instant::now();
+    let answer = tokio::time::timeout(budget, call).await.ok()?;
+    Some(answer.map_err(|status| {
+        if status.code() == Code::Cancelled && started.elapsed() < budget {
+            Status::unavailable(format!("connection lost: {}", status.message()))
+        } else {
+            status
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +105,22 @@ mod tests {
         let long = Deadline::for_caller(now, Duration::from_secs(5), Duration::from_millis(2), 0.05);
         assert_eq!(long.reserve, Duration::from_millis(250));
         assert!(long.remaining() <= Duration::from_millis(4_750));
+    }
+
+    /// What a killed backend's connection gives (CANCELLED at once) reads as UNAVAILABLE; other
+    /// codes and answers are untouched; a call that outlasts the budget is `None`.
+    #[tokio::test]
+    async fn a_cancel_before_the_budget_is_spent_is_a_lost_connection() {
+        let budget = Duration::from_secs(30);
+        let lost = within_budget(budget, async { Err::<(), _>(Status::cancelled("operation was canceled")) }).await.unwrap().unwrap_err();
+        assert_eq!((lost.code(), lost.message()), (Code::Unavailable, "connection lost: operation was canceled"));
+        let refused = within_budget(budget, async { Err::<(), _>(Status::invalid_argument("bad")) }).await.unwrap().unwrap_err();
+        assert_eq!((refused.code(), refused.message()), (Code::InvalidArgument, "bad"));
+        assert_eq!(within_budget(budget, async { Ok::<_, Status>(7) }).await.unwrap().unwrap(), 7);
+        let slow = within_budget(Duration::from_millis(20), async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, Status>(())
+        });
+        assert!(slow.await.is_none());
     }
 }

@@ -6,7 +6,7 @@ pub mod pool;
 
 use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
-use crate::deadline::Deadline;
+use crate::deadline::{within_budget, Deadline};
 use crate::merge::{log_softmax, Ranked, Retrieved};
 use llamarec_common::request_id::set_request_id;
 use llamarec_proto::v1::{DegradedReason, ModelVersion, RankRequest};
@@ -112,19 +112,19 @@ impl Ranker {
         set_request_id(&mut request, request_id);
         llamarec_common::auth::set_bearer(request.metadata_mut(), self.token.as_deref());
         let mut client = lease.client().max_decoding_message_size(self.max_message_bytes);
-        let response = match tokio::time::timeout(budget, client.rank(request)).await {
-            Ok(Ok(r)) => {
+        let response = match within_budget(budget, client.rank(request)).await {
+            Some(Ok(r)) => {
                 self.pool.report_success(&lease);
                 r.into_inner()
             }
-            Ok(Err(status)) => {
+            Some(Err(status)) => {
                 let reason = degraded_reason(status.code());
                 if reason == DegradedReason::RankerFailed {
                     self.pool.report_failure(&lease);
                 }
                 return Err(Degraded::new(reason, format!("ranker {}: {}: {}", lease.address(), status.code(), status.message())));
             }
-            Err(_) => {
+            None => {
                 return Err(Degraded::new(DegradedReason::RankerTimeout, format!("ranker {} gave no answer within {} ms", lease.address(), budget.as_millis())))
             }
         };

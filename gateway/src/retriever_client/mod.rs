@@ -10,7 +10,7 @@ pub mod fallback;
 
 use crate::catalog::Catalog;
 use crate::config::GatewayConfig;
-use crate::deadline::Deadline;
+use crate::deadline::{within_budget, Deadline};
 use crate::error::{GatewayError, RetrieverCallError};
 use crate::merge::Retrieved;
 use batching::RetrieverCalls;
@@ -94,10 +94,10 @@ impl Retriever {
             return Err(GatewayError::Deadline(deadline.elapsed().as_millis() as u64));
         }
         let request = RetrieveRequest { k: want as u32, exclude_history: true, ..request };
-        match tokio::time::timeout(budget, self.calls.retrieve(request, budget, request_id)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(status)) => Err(self.failed(status)),
-            Err(_) => Err(self.failed(RetrieverCallError::Timeout(budget.as_millis()).into())),
+        match within_budget(budget, self.calls.retrieve(request, budget, request_id)).await {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(status)) => Err(self.failed(status)),
+            None => Err(self.failed(RetrieverCallError::Timeout(budget.as_millis()).into())),
         }
     }
 
